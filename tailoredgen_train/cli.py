@@ -1,0 +1,136 @@
+"""Command line: `tailoredgen-train {train,validate-dataset,make-tiny-base,run-job}`.
+
+The train flags named after the contract's request fields go through the same resolution as the
+API (expert-mode rule, ranges, defaults); engineering options come from --config and --set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import load_engine_config
+from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
+from .errors import IncompatibleDatasetError, TailoredGenError
+
+EXIT_USER_ERROR = 2  # the input is wrong: fix it and run again
+EXIT_FAILURE = 1
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="engine config YAML (see configs/); defaults when omitted")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one engine config value, e.g. --set data.resolution=512 (repeatable)")
+    parser.add_argument("--version-map", help="YAML mapping training_version -> family (default: packaged map)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailoredgen-train", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a LoRA (works under `accelerate launch`)")
+    train.add_argument("--base", required=True, help="diffusers-format base model directory or hub id")
+    train.add_argument("--dataset", required=True, help="folder of images + metadata.jsonl (or metadata.csv)")
+    train.add_argument("--output", required=True, help="run folder: checkpoints, logs, cache")
+    train.add_argument("--training-version", required=True, help="fibo, max, light, 3.2 (bria-3.2), 2.3 (bria-2.3)")
+    train.add_argument("--training-mode", default="fully_automated", choices=TRAINING_MODES,
+                       help="the contract's fields below need expert")
+    train.add_argument("--caption-prefix", help="legacy datasets: text prepended to every caption")
+    train.add_argument("--rank", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--lr-scheduler")
+    train.add_argument("--total-training-steps", type=int)
+    train.add_argument("--checkpoint-interval", type=int)
+    train.add_argument("--lr-warmup-steps", type=int)
+    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --output")
+    train.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --output")
+    _add_engine_options(train)
+
+    validate = commands.add_parser("validate-dataset", help="decode every image and check every caption")
+    validate.add_argument("dataset", help="dataset folder")
+    validate.add_argument("--training-version", required=True)
+    validate.add_argument("--caption-prefix")
+    validate.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_engine_options(validate)
+
+    tiny = commands.add_parser("make-tiny-base", help="build a tiny base model with the real classes")
+    tiny.add_argument("--family", required=True, help="model family, e.g. fibo")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
+    job.add_argument("job_file")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .families import family_for_version, load_version_map
+    from .recipe import JobSpec, run_training
+
+    request = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
+    params = resolve_training_parameters(args.training_version, args.training_mode, request)
+    engine = load_engine_config(args.config, args.overrides)
+    family = family_for_version(args.training_version, engine.model, load_version_map(args.version_map))
+    if args.caption_prefix and family.caption_format == "json":
+        raise IncompatibleDatasetError(f"--caption-prefix is for legacy text captions; {family.name} captions are JSON")
+    run_training(JobSpec(
+        base=args.base, dataset_dir=args.dataset, output_dir=args.output, training_version=args.training_version,
+        params=params, engine=engine, caption_prefix=args.caption_prefix, resume=args.resume,
+        overwrite=args.overwrite, version_map=args.version_map,
+    ))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .data import validate_dataset
+    from .families import family_for_version, load_version_map
+
+    engine = load_engine_config(args.config, args.overrides)
+    family = family_for_version(args.training_version, engine.model, load_version_map(args.version_map))
+    report = validate_dataset(args.dataset, caption_format=family.caption_format, min_side=engine.data.min_side,
+                              max_pixels=engine.data.max_pixels, caption_prefix=args.caption_prefix)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "valid_images": len(report.samples),
+                          "problems": [p.to_dict() for p in report.problems]}, indent=1))
+    else:
+        print(report.format())
+    return 0 if report.ok else EXIT_USER_ERROR
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from .families import family_class
+
+    family = family_class(args.family)()
+    family.make_tiny_base(Path(args.out_dir), seed=args.seed)
+    print(f"tiny {args.family} base written to {args.out_dir}")
+    return 0
+
+
+def _cmd_run_job(args: argparse.Namespace) -> int:
+    from .recipe import JobSpec, run_training
+
+    run_training(JobSpec.from_dict(json.loads(Path(args.job_file).read_text())))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "validate-dataset": _cmd_validate, "make-tiny-base": _cmd_tiny,
+            "run-job": _cmd_run_job}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except TailoredGenError as exc:
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return EXIT_USER_ERROR if exc.http_status < 500 else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

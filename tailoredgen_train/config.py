@@ -1,0 +1,213 @@
+"""Engineering configuration: everything a job needs that the Start Training contract does not set.
+
+The contract fields (rank, learning rate, steps, ...) live in `contract.TrainingParameters`; this
+module holds resolution, batch size, precision, optimizer details and the like. Each section is a
+typed dataclass that validates itself and names the field and the fix. YAML files in `configs/`
+are only a serialisation of these objects: unknown keys are refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _require(condition: bool, field_path: str, value: Any, fix: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field {field_path}={value!r} is invalid: {fix}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    resolution: int = 1024
+    """Bucket scale in pixels: 1024 is FIBO's ~1 MP set; 512 is the quick, quarter-area option."""
+    min_side: int = 256
+    """Preflight refuses images whose shorter side is below this (Bria upscales from 256 at most)."""
+    max_pixels: int = 64_000_000
+    """Larger images are refused as decompression bombs."""
+    batch_size: int = 1
+    """Micro-batch per process; batches never mix aspect-ratio buckets."""
+    num_workers: int = 0
+    """DataLoader workers reading cached features; 0 reads in the training process."""
+
+    def __post_init__(self) -> None:
+        _require(self.resolution >= 64, "data.resolution", self.resolution, "use 64 or more (1024 for FIBO)")
+        _require(self.min_side >= 16, "data.min_side", self.min_side, "use 16 or more")
+        _require(self.max_pixels > 0, "data.max_pixels", self.max_pixels, "use a positive pixel count")
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "use 1 or more")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; total_training_steps counts optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold; 0 disables clipping."""
+    weight_decay: float = 1e-3
+    """Bria's FIBO recipe uses 1e-3."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_num_cycles: int = 1
+    """Cycles of cosine_with_restarts."""
+    lr_power: float = 1.0
+    """Power of the polynomial schedule."""
+
+    def __post_init__(self) -> None:
+        _require(self.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps",
+                 self.gradient_accumulation_steps, "use 1 or more")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, "use 0 (off) or a positive norm")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use 0 or more")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"optim.{name}", value, "use a value in [0, 1)")
+        _require(self.adam_epsilon > 0, "optim.adam_epsilon", self.adam_epsilon, "use a small positive number")
+        _require(self.lr_num_cycles >= 1, "optim.lr_num_cycles", self.lr_num_cycles, "use 1 or more")
+        _require(self.lr_power > 0, "optim.lr_power", self.lr_power, "use a positive power")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    init: Literal["gaussian", "default"] = "gaussian"
+    """PEFT init of lora_A (lora_B starts at zero either way); Bria's recipe uses gaussian."""
+    target_modules: list[str] | None = None
+    """Module-name suffixes to adapt; null means the family's default list (Bria's targets)."""
+
+    def __post_init__(self) -> None:
+        _require(self.init in ("gaussian", "default"), "lora.init", self.init, "use 'gaussian' or 'default'")
+        if self.target_modules is not None:
+            _require(
+                isinstance(self.target_modules, list) and all(isinstance(m, str) and m for m in self.target_modules)
+                and len(self.target_modules) > 0,
+                "lora.target_modules", self.target_modules, "give a non-empty list of module-name suffixes, or null",
+            )
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """auto: bf16 on an accelerator, fp32 on CPU. fp16 is refused: flow DiTs overflow in it."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory; full FIBO at 1024^2 needs it below ~65 GiB."""
+    allow_tf32: bool = True
+    log_every: int = 10
+    """Optimizer steps between tracker/log lines (the progress bar updates every step)."""
+    log_with: Literal["tensorboard", "none"] = "tensorboard"
+    log_samples: bool = False
+    """Print the sample ids each process trains on (for checking data sharding)."""
+    cache_dir: str | None = None
+    """Where cached latents/text features go; null means OUTPUT/cache."""
+
+    def __post_init__(self) -> None:
+        _require(self.mixed_precision in ("auto", "no", "bf16"), "run.mixed_precision", self.mixed_precision,
+                 "use auto, no or bf16 (fp16 overflows in FIBO-class transformers)")
+        _require(self.log_every >= 1, "run.log_every", self.log_every, "use 1 or more")
+        _require(self.log_with in ("tensorboard", "none"), "run.log_with", self.log_with, "use tensorboard or none")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "run.seed", self.seed, "use a non-negative integer")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+    """Family-specific options, validated by the family (e.g. fibo: max_sequence_length)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SIMPLE_TYPES: dict[Any, tuple[type, ...]] = {int: (int,), float: (float, int), bool: (bool,), str: (str,)}
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig, "run": RunConfig}
+
+
+def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+            f"'{name}' accepts {', '.join(sorted(known))}"
+        )
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        expected = _SIMPLE_TYPES.get(hints[key])
+        # bool is an int subclass and YAML's 'yes' is a str: both must be refused where they do not belong
+        if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
+            raise ConfigError(
+                f"{source}: {name}.{key}={value!r} should be of type {' or '.join(t.__name__ for t in expected)}"
+            )
+    try:
+        return cls(**raw)
+    except TypeError as exc:  # a wrongly typed value reaching a comparison
+        raise ConfigError(f"{source}: section '{name}': {exc}") from None
+
+
+def engine_config_from_dict(raw: Mapping[str, Any] | None, source: str = "<dict>") -> EngineConfig:
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"model"})
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section(s) {', '.join(unknown)}; accepted: {', '.join([*_SECTIONS, 'model'])}"
+        )
+    sections = {name: _build_section(name, cls, raw.get(name), source) for name, cls in _SECTIONS.items()}
+    model = raw.get("model") or {}
+    if not isinstance(model, Mapping):
+        raise ConfigError(f"{source}: section 'model' must be a mapping")
+    return EngineConfig(**sections, model=dict(model))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. data.resolution=512")
+    path, value = text.split("=", 1)
+    return path.strip().split("."), yaml.safe_load(value)
+
+
+def load_engine_config(path: str | Path | None, overrides: list[str] | None = None) -> EngineConfig:
+    """Read a YAML config (or the defaults when path is None) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass one of the files in configs/") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read as text: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            if node.get(key) is None:  # an empty section in the file means defaults
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return engine_config_from_dict(raw, source)

@@ -1,0 +1,50 @@
+"""Caption normalisation: one canonical string per caption, or a ValueError saying what is wrong."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from typing import NoReturn
+
+_ALLOWED_CONTROL = frozenset("\n\t")
+_JSON_TYPE_NAMES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # NaN/Infinity parse in Python but are not JSON, and json.dumps would write them back out.
+    raise ValueError(f"caption contains {name}, which is not valid JSON")
+
+
+def normalize_json_caption(text: str) -> str:
+    """Parse a FIBO structured caption and return its compact JSON form.
+
+    The top level must be a JSON object. The result is `json.dumps(obj, separators=(",", ":"))`
+    with ASCII escaping, so equal captions give equal strings. Raises ValueError with json's
+    line/column message for invalid JSON.
+    """
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"caption is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        kind = _JSON_TYPE_NAMES.get(type(obj), type(obj).__name__)
+        raise ValueError(f"caption must be a JSON object ({{...}}) of structured-caption fields, got a JSON {kind}")
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def normalize_text_caption(text: str) -> str:
+    """Strip a plain-text caption; reject empty captions and control characters other than \\n and \\t."""
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("caption is empty")
+    for i, ch in enumerate(stripped):
+        if ch not in _ALLOWED_CONTROL and unicodedata.category(ch) == "Cc":
+            raise ValueError(f"caption contains control character {ch!r} at position {i}; remove it")
+    return stripped

@@ -1,0 +1,129 @@
+"""Decode a training image exactly once, completely, and into 8-bit RGB.
+
+Everything that can be wrong with an image file is turned into an `ImageProblem` with a stable
+`reason` code, so preflight can list every bad file instead of crashing on the first one.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# Decoded formats we accept, whatever the file is called (MPO is how Pillow opens many camera JPEGs).
+_ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA"})
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, struct.error, EOFError)
+
+
+class ImageProblem(Exception):
+    """An image file that cannot be used; `reason` is a stable code, `detail` is for people."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def has_image_extension(name: str | Path) -> bool:
+    """True when the file name ends in one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return str(name).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000) -> Image.Image:
+    """Open `path` read-only, decode it fully, apply EXIF orientation and return 8-bit RGB.
+
+    Transparent pixels are composited onto black (Bria converts transparent backgrounds to
+    black), high-bit-depth images are scaled (not clipped) to 8 bits and animated images give
+    their first frame. Raises ImageProblem with reason empty_file, not_an_image, truncated,
+    corrupt, too_many_pixels, unsupported_format or missing_file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageProblem("missing_file", f"{path} does not exist") from None
+    if size == 0:
+        raise ImageProblem("empty_file", "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb must be a hard error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return _decode(im, max_pixels)
+    except ImageProblem:
+        raise
+    except UnidentifiedImageError:
+        raise ImageProblem("not_an_image", "the file is not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageProblem("too_many_pixels", f"image is too large to decode safely ({e})") from None
+    except _DECODE_ERRORS as e:
+        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise ImageProblem(reason, f"the image could not be decoded: {e}") from None
+
+
+def _decode(im: Image.Image, max_pixels: int) -> Image.Image:
+    """Check format and size from the header, then decode, orient and normalise."""
+    if im.format not in _ALLOWED_FORMATS:
+        raise ImageProblem(
+            "unsupported_format", f"the file contains {im.format} data; use JPEG, PNG or WebP"
+        )
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageProblem(
+            "too_many_pixels", f"{width}x{height} is {width * height} pixels, more than the {max_pixels} allowed"
+        )
+    if getattr(im, "is_animated", False):
+        im.seek(0)  # the first frame stands for an animated image
+    im.load()  # decode everything now so truncation surfaces here, not mid-training
+    oriented = ImageOps.exif_transpose(im)
+    out = _to_rgb8(oriented)
+    # Never hand back an object tied to the open file handle.
+    return out.copy() if out is im else out
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    """Normalise any Pillow mode to 8-bit RGB with alpha composited onto black."""
+    mode = im.mode
+    if mode in _HIGH_BIT_MODES:
+        return _high_bit_to_rgb(im)
+    if mode == "RGBa":
+        # Premultiplied colour already equals the colour composited onto black.
+        return Image.merge("RGB", im.split()[:3])
+    if mode == "La":
+        return im.getchannel(0).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", im.size, (0, 0, 0))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im if mode == "RGB" else im.convert("RGB")
+
+
+def _high_bit_to_rgb(im: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer or float greyscale to 8 bits; Pillow's convert would clip."""
+    arr = np.asarray(im).astype(np.float64)
+    transparent = None
+    if isinstance(im.info.get("transparency"), int):
+        transparent = arr == im.info["transparency"]
+    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = arr * 255.0  # float images are conventionally 0..1
+    elif im.mode == "F" and lo >= 0.0 and hi <= 255.0:
+        scaled = arr
+    elif lo >= 0.0 and hi <= 65535.0:
+        scaled = arr * (255.0 / 65535.0)  # 16-bit PNGs open as I;16 or I: keep their full range
+    else:
+        # Values outside 16 bits have no standard white point: stretch what is there.
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    out = np.rint(scaled).astype(np.uint8)
+    if transparent is not None:
+        out[transparent] = 0  # tRNS on greyscale: transparent becomes black like other alpha
+    return Image.fromarray(out).convert("RGB")

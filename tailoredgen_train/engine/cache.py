@@ -1,0 +1,104 @@
+"""Cached VAE latents and text-encoder outputs, one safetensors file per sample.
+
+A cache entry is keyed by the sample id AND a digest of everything that determines its content
+(base model, family options, bucket, image bytes, caption), never by a step or batch index:
+shuffled loaders over step-indexed caches silently pair one image with another's caption
+(trainers.md section 3.8). Entries are written atomically, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data import Sample, load_rgb, resize_and_center_crop, to_tensor
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class CacheItem:
+    sample: Sample
+    bucket: tuple[int, int]
+    key: str
+
+
+class FeatureCache:
+    def __init__(self, directory: Path, namespace: str):
+        """`namespace` fingerprints the family, base weights and options that shape every entry."""
+        self.directory = Path(directory)
+        self.namespace = namespace
+
+    def item(self, sample: Sample, bucket: tuple[int, int]) -> CacheItem:
+        digest = hashlib.sha256(
+            "\0".join([self.namespace, sample.content_hash, sample.caption, f"{bucket[0]}x{bucket[1]}"]).encode()
+        ).hexdigest()[:24]
+        return CacheItem(sample, bucket, f"{_UNSAFE.sub('_', sample.sample_id)}-{digest}")
+
+    def path(self, item: CacheItem) -> Path:
+        return self.directory / f"{item.key}.safetensors"
+
+    def has(self, item: CacheItem) -> bool:
+        return self.path(item).is_file()
+
+    def load(self, item: CacheItem) -> dict[str, torch.Tensor]:
+        return load_file(self.path(item))
+
+    def store(self, item: CacheItem, tensors: dict[str, torch.Tensor]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.path(item)
+        staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
+        os.replace(staging, final)
+
+
+def fill_cache(
+    cache: FeatureCache,
+    items: list[CacheItem],
+    encode: Callable[[torch.Tensor, str], dict[str, torch.Tensor]],
+    *,
+    rank: int,
+    world_size: int,
+    max_pixels: int,
+) -> int:
+    """Encode this process's share (every world_size-th item) of what is missing; returns how many
+    it encoded. Callers put a barrier after it so every process then finds every entry."""
+    encoded = 0
+    for index, item in enumerate(items):
+        if index % world_size != rank or cache.has(item):
+            continue
+        image = resize_and_center_crop(load_rgb(item.sample.image_path, max_pixels=max_pixels), item.bucket)
+        cache.store(item, encode(to_tensor(image).unsqueeze(0), item.sample.caption))
+        encoded += 1
+    return encoded
+
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """Index -> (index, cached tensors); the loader's collate turns a bucket's entries into a batch."""
+
+    def __init__(self, cache: FeatureCache, items: list[CacheItem]):
+        self.cache = cache
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, torch.Tensor]]:
+        return index, self.cache.load(self.items[index])
+
+
+class CollateWithIndices:
+    """A picklable collate (DataLoader workers need one) that keeps the sample indices."""
+
+    def __init__(self, collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]):
+        self.collate = collate
+
+    def __call__(self, entries: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        return [i for i, _ in entries], self.collate([e for _, e in entries])

@@ -1,0 +1,158 @@
+"""Typed errors with stable codes.
+
+Every failure a user can cause is one of these. `code` never changes once released, so that
+callers (the HTTP layer, the orchestration API, scripts) can branch on it; `http_status` is the
+status the Tailored Generation API documents for that situation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+
+class TailoredGenError(Exception):
+    """Base class. `message` is written for the person who has to fix the problem."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One bad request field, in the shape Bria's 400 body uses."""
+
+    msg: str
+    field_name: str
+    field_input: str
+
+
+class InvalidParameterError(TailoredGenError):
+    """One or more request fields are out of range or of the wrong type (400)."""
+
+    code = "invalid_parameter"
+    http_status = 400
+
+    def __init__(self, errors: list[FieldError]):
+        assert errors, "InvalidParameterError needs at least one FieldError"
+        self.errors = list(errors)
+        text = "; ".join(f"{e.field_name}={e.field_input}: {e.msg}" for e in self.errors)
+        super().__init__(f"Invalid training parameter(s): {text}")
+
+    @classmethod
+    def single(cls, field_name: str, value: Any, msg: str) -> InvalidParameterError:
+        return cls([FieldError(msg=msg, field_name=field_name, field_input=str(value))])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "errors": [asdict(e) for e in self.errors]}
+
+
+class ExpertModeRequiredError(TailoredGenError):
+    """Advanced parameters were sent for a model that is not in expert mode (400)."""
+
+    code = "expert_mode_required"
+    http_status = 400
+
+    def __init__(self, fields: list[str]):
+        self.fields = list(fields)
+        super().__init__(
+            "Advanced training parameters are only supported when training_mode is set to 'expert'. "
+            f"Got {', '.join(self.fields)} for a model in fully_automated mode: create the model with "
+            "training_mode='expert', or omit these fields to use the defaults."
+        )
+
+
+class UnknownTrainingVersionError(TailoredGenError):
+    code = "unknown_training_version"
+    http_status = 400
+
+
+class IncompatibleDatasetError(TailoredGenError):
+    """A FIBO model with a legacy dataset or the other way round (400)."""
+
+    code = "incompatible_dataset"
+    http_status = 400
+
+
+class UnauthorizedError(TailoredGenError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFoundError(TailoredGenError):
+    code = "not_found"
+    http_status = 404
+
+
+class TrainingAlreadyStartedError(TailoredGenError):
+    """start_training on a model whose status is not Created (409)."""
+
+    code = "training_already_started"
+    http_status = 409
+
+
+class DatasetNotCompletedError(TailoredGenError):
+    """The dataset is still a draft (412)."""
+
+    code = "dataset_not_completed"
+    http_status = 412
+
+
+class DatasetInvalidError(TailoredGenError):
+    """Preflight found bad files; `problems` lists every one of them (412)."""
+
+    code = "dataset_invalid"
+    http_status = 412
+
+    def __init__(self, message: str, problems: list[Any] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "problems": [p.to_dict() if hasattr(p, "to_dict") else p for p in self.problems],
+        }
+
+
+class RateLimitedError(TailoredGenError):
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ConfigError(TailoredGenError):
+    """An engine config file or engineering option is wrong (an operator's mistake)."""
+
+    code = "invalid_config"
+    http_status = 500
+
+
+class BaseModelError(TailoredGenError):
+    """The base model directory or hub id cannot be loaded as the family expects."""
+
+    code = "base_model_invalid"
+    http_status = 500
+
+
+class ResumeError(TailoredGenError):
+    """A checkpoint cannot be resumed (missing, corrupt, or made for another setup) (409)."""
+
+    code = "cannot_resume"
+    http_status = 409
+
+
+class NonFiniteLossError(TailoredGenError):
+    code = "non_finite_loss"
+    http_status = 500

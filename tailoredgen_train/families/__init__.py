@@ -1,0 +1,67 @@
+"""Model families behind a registry: a training_version names a family, a family is one module.
+
+`configs/families.yaml` maps every training_version to a family (so that a deployment can point
+the `max` and `light` aliases elsewhere without touching code).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ..contract import canonical_version
+from ..errors import ConfigError, UnknownTrainingVersionError
+from .base import LoadedModel, ModelFamily
+
+# family name -> "module:Class"; imported lazily so that a family's heavy imports cost nothing
+# until it is used.
+FAMILIES: dict[str, str] = {
+    "fibo": "tailoredgen_train.families.fibo:FiboFamily",
+}
+
+_PACKAGED_VERSION_MAP = Path(__file__).with_name("versions.yaml")
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    try:
+        module_name, class_name = FAMILIES[name].split(":")
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; registered: {', '.join(sorted(FAMILIES))}") from None
+    return getattr(import_module(module_name), class_name)
+
+
+def load_version_map(path: str | Path | None = None) -> dict[str, str]:
+    """training_version -> family name, from the packaged map or a deployment's own file."""
+    source = Path(path) if path else _PACKAGED_VERSION_MAP
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"version map {source} does not exist") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("versions"), dict):
+        raise ConfigError(f"version map {source} must have a 'versions' mapping of training_version: family")
+    return {canonical_version(v): str(f) for v, f in raw["versions"].items()}
+
+
+def family_for_version(
+    training_version: str, options: Mapping[str, Any] | None = None, version_map: Mapping[str, str] | None = None
+) -> ModelFamily:
+    version = canonical_version(training_version)
+    mapping = version_map if version_map is not None else load_version_map()
+    if version not in mapping:
+        raise UnknownTrainingVersionError(
+            f"training_version {training_version!r} has no model family in this deployment "
+            f"(mapped: {', '.join(sorted(mapping))})."
+        )
+    name = mapping[version]
+    if name not in FAMILIES:
+        raise UnknownTrainingVersionError(
+            f"training_version {training_version!r} maps to family {name!r}, which this build does not "
+            f"include yet (available: {', '.join(sorted(FAMILIES))})."
+        )
+    return family_class(name)(options)
+
+
+__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "family_class", "family_for_version", "load_version_map"]

@@ -1,0 +1,112 @@
+"""The one seam between the engine and a model family.
+
+A family (FIBO, Bria 3.2, Bria 2.3, ...) knows how to load its diffusers components, turn an image
+and a caption into cached features, batch them, compute the training loss, which modules LoRA
+adapts, and how a LoRA file is written so that the family's diffusers pipeline loads it. The
+trainer, the cache and `start_training` only talk to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import BaseModelError, ConfigError
+
+
+@dataclass
+class LoadedModel:
+    """A family's components. `denoiser` gets the LoRA; everything in `encoders` is frozen and only
+    used to fill the feature cache."""
+
+    denoiser: nn.Module
+    encoders: dict[str, Any]
+    scheduler: Any
+    fingerprint: str
+    """Identifies the base weights: part of every cache key and checked when resuming."""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    """Base for a family's typed options (the `model:` section of the engine config)."""
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], family: str) -> FamilyOptions:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(f'model.{k}' for k in unknown)} for family {family}; "
+                f"accepted: {', '.join(sorted(known)) or 'none'}"
+            )
+        return cls(**raw)
+
+
+def check_base_directory(base: str, components: tuple[str, ...], family: str, hub_id: str) -> None:
+    """Fail early, with the fix, when `base` is meant as a local folder but is not a usable one.
+    Anything that looks like a path (absolute, ./, ~, or existing) is a folder; else a hub id."""
+    path = Path(base).expanduser()
+    if not (path.is_absolute() or base.startswith((".", "~")) or path.exists()):
+        return
+    fix = (f"Pass a directory saved by the family's pipeline (save_pretrained), the hub id {hub_id}, or build "
+           f"a tiny one with: tailoredgen-train make-tiny-base --family {family} DIR")
+    if not path.is_dir():
+        raise BaseModelError(f"base model directory {base} does not exist. {fix}")
+    missing = [c for c in components if not (path / c).is_dir()]
+    if missing:
+        raise BaseModelError(f"base model {base} is not a diffusers-format {family} directory: missing "
+                             f"{', '.join(m + '/' for m in missing)}. {fix}")
+
+
+class ModelFamily(ABC):
+    """Everything model-specific. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    caption_format: ClassVar[Literal["json", "text"]]
+    bucket_base: ClassVar[tuple[tuple[int, int], ...]]
+    """Aspect-ratio buckets (W, H) at resolution 1024."""
+    bucket_multiple: ClassVar[int]
+    """Image sides must be multiples of this (VAE downsampling x patching)."""
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    lora_key_prefix: ClassVar[str]
+    """Component prefix of the LoRA keys the family's pipeline loader expects."""
+    options_cls: ClassVar[type[FamilyOptions]] = FamilyOptions
+
+    def __init__(self, options: Mapping[str, Any] | None = None):
+        self.options = self.options_cls.from_mapping(dict(options or {}), self.name)
+
+    @abstractmethod
+    def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
+        """Load the diffusers-format directory (or hub id) `base`."""
+
+    @abstractmethod
+    def encode_sample(self, model: LoadedModel, pixels: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
+        """One sample's cached features, on CPU. `pixels` is (1, 3, H, W) in [-1, 1]."""
+
+    @abstractmethod
+    def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack cached features of one bucket into a batch (padding text where lengths differ)."""
+
+    @abstractmethod
+    def compute_loss(
+        self, denoiser: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        """The training objective for one micro-batch already on the device; all randomness from `generator`."""
+
+    @abstractmethod
+    def save_lora(self, directory: Path, lora_state: dict[str, torch.Tensor], adapter_metadata: dict) -> None:
+        """Write `pytorch_lora_weights.safetensors` in the key format of the family's pipeline."""
+
+    @abstractmethod
+    def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
+        """Build every component with the real classes at tiny sizes and save a diffusers-format directory."""
+
+    def release_encoders(self, model: LoadedModel) -> None:
+        """Free the frozen encoders once every feature is cached."""
+        model.encoders.clear()

@@ -1,0 +1,257 @@
+"""Bria FIBO: BriaFiboTransformer2DModel + SmolLM3 text encoder + Wan 2.2 VAE, rectified flow.
+
+Facts this module relies on (shared/reference/models.md section 1.1):
+- prompts are encoded by `BriaFiboPipeline.get_prompt_embeds` itself: the last two hidden layers
+  concatenated, all hidden layers fitted to the transformer's block count, "" -> BOS 128000;
+- latents are the Wan VAE's `latent_dist.mean` of a one-frame video, normalised per channel,
+  packed without 2x2 patching (one token per 16x16 pixels);
+- x_t = sigma*noise + (1-sigma)*x0, target noise - x0, timestep sigma*1000 (no rescale inside);
+- sigma ~ 10% uniform, else sigmoid(N(mu, 1)) with mu linear in image tokens (0.5@256 .. 1.15@4096).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, BriaFiboPipeline, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..data.buckets import FIBO_BUCKETS_1024
+from ..errors import BaseModelError, ConfigError
+from .base import FamilyOptions, LoadedModel, ModelFamily, check_base_directory
+from .tiny_tokenizer import build_byte_tokenizer
+
+# Bria's FIBO LoRA targets (Bria-AI/FIBO src/fine_tuning/fine_tune_utils.py::add_lora); suffix
+# matching also catches the top-level proj_out.
+FIBO_LORA_TARGETS = (
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp", "norm1_context.linear", "norm1.linear", "norm.linear", "proj_out",
+)
+VAE_SCALE = 16  # Wan 2.2: 8x spatial x patch 2
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass(frozen=True)
+class FiboOptions(FamilyOptions):
+    max_sequence_length: int = 3000
+    """Caption tokens kept (the pipeline's hard maximum is 3000)."""
+    uniform_sigma_fraction: float = 0.1
+    logit_normal_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_sequence_length <= 3000:
+            raise ConfigError(f"model.max_sequence_length={self.max_sequence_length}: use 1..3000 (FIBO's limit)")
+        if not 0 <= self.uniform_sigma_fraction <= 1:
+            raise ConfigError(f"model.uniform_sigma_fraction={self.uniform_sigma_fraction}: use a value in [0, 1]")
+        if self.logit_normal_std <= 0:
+            raise ConfigError(f"model.logit_normal_std={self.logit_normal_std}: use a positive value")
+
+
+def logit_normal_mu(image_tokens: int) -> float:
+    """FIBO's shift: linear from 0.5 at 256 image tokens to 1.15 at 4096 (1024x1024)."""
+    slope = (1.15 - 0.5) / (4096 - 256)
+    return 0.5 + slope * (image_tokens - 256)
+
+
+def sample_sigmas(
+    batch_size: int, image_tokens: int, generator: torch.Generator, *, uniform_fraction: float, std: float
+) -> torch.Tensor:
+    """Per-sample sigma in (0, 1): a uniform draw with probability `uniform_fraction`, else a
+    shifted logit-normal draw. Branch-free, so it needs no host sync."""
+    device = generator.device
+    use_uniform = torch.rand(batch_size, generator=generator, device=device) < uniform_fraction
+    uniform = torch.rand(batch_size, generator=generator, device=device)
+    normal = torch.randn(batch_size, generator=generator, device=device) * std + logit_normal_mu(image_tokens)
+    return torch.where(use_uniform, uniform, torch.sigmoid(normal))
+
+
+def fit_text_layers(layers: list[torch.Tensor], num_blocks: int) -> list[torch.Tensor]:
+    """As BriaFiboPipeline: keep the last `num_blocks` hidden states, or repeat the last one."""
+    if len(layers) >= num_blocks:
+        return list(layers[len(layers) - num_blocks :])
+    return list(layers) + [layers[-1]] * (num_blocks - len(layers))
+
+
+def _fingerprint(base: str, *configs: dict) -> str:
+    text = json.dumps([base, *[dict(c) for c in configs]], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class FiboFamily(ModelFamily):
+    name = "fibo"
+    caption_format = "json"
+    bucket_base = FIBO_BUCKETS_1024
+    bucket_multiple = VAE_SCALE
+    default_lora_targets = FIBO_LORA_TARGETS
+    lora_key_prefix = "transformer"
+    options_cls = FiboOptions
+
+    # ---- loading ------------------------------------------------------------------------------
+
+    def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
+        check_base_directory(base, COMPONENTS, self.name, hub_id="briaai/FIBO")
+        try:
+            transformer = BriaFiboTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype)
+            # the VAE stays fp32 as in Bria's recipe: latents are cached once, so its cost is paid once
+            vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+            text_encoder = AutoModelForCausalLM.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+        except (OSError, ValueError) as exc:
+            raise BaseModelError(
+                f"could not load the FIBO base model from {base!r}: {exc}. Pass a local diffusers-format "
+                "directory (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id this "
+                "machine can reach."
+            ) from None
+        transformer.to(device)
+        vae.to(device).eval().requires_grad_(False)
+        text_encoder.to(device).eval().requires_grad_(False)
+        # the pipeline object is used only for its prompt encoder, so encoding is the pipeline's own
+        text_pipe = BriaFiboPipeline(transformer=None, scheduler=None, vae=None, text_encoder=text_encoder,
+                                     tokenizer=tokenizer)
+        fingerprint = _fingerprint(base, transformer.config, vae.config, text_encoder.config.to_dict())
+        return LoadedModel(
+            denoiser=transformer,
+            encoders={"text": text_pipe, "vae": vae},
+            scheduler=scheduler,
+            fingerprint=fingerprint,
+            extras={"num_blocks": len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)},
+        )
+
+    # ---- features -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_sample(self, model: LoadedModel, pixels: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
+        vae = model.encoders["vae"]
+        device = vae.device
+        latents = vae.encode(pixels.to(device, torch.float32).unsqueeze(2)).latent_dist.mean[:, :, 0]
+        mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1)
+        latents = (latents - mean) / std
+
+        prompt_embeds, hidden_states, _ = model.encoders["text"].get_prompt_embeds(
+            prompt=[caption], max_sequence_length=self.options.max_sequence_length, device=device
+        )
+        # store each distinct hidden state once; fit_text_layers rebuilds the per-block list
+        kept = hidden_states[-min(len(hidden_states), model.extras["num_blocks"]) :]
+        return {
+            "latents": latents[0].cpu(),
+            "prompt_embeds": prompt_embeds[0].cpu(),
+            "text_layers": torch.stack([h[0] for h in kept]).cpu(),
+        }
+
+    def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        lengths = [e["prompt_embeds"].shape[0] for e in entries]
+        longest = max(lengths)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            # zeros, as BriaFiboPipeline.pad_embedding; the mask hides them from every real token
+            extra = longest - t.shape[dim]
+            if extra == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        return {
+            "latents": torch.stack([e["latents"] for e in entries]),
+            "prompt_embeds": torch.stack([pad(e["prompt_embeds"], 0) for e in entries]),
+            "text_layers": torch.stack([pad(e["text_layers"], 1) for e in entries], dim=1),  # (K, B, S, D)
+            "text_mask": torch.stack([torch.arange(longest) < n for n in lengths]),
+        }
+
+    # ---- objective ----------------------------------------------------------------------------
+
+    def compute_loss(self, denoiser: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        x0 = batch["latents"]
+        b, c, h, w = x0.shape
+        dtype = batch["prompt_embeds"].dtype
+        sigmas = sample_sigmas(b, h * w, generator, uniform_fraction=self.options.uniform_sigma_fraction,
+                               std=self.options.logit_normal_std)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        s = sigmas.view(b, 1, 1, 1).to(x0.dtype)
+        noisy = s * noise + (1 - s) * x0
+        target = noise - x0
+
+        packed = BriaFiboPipeline._pack_latents_no_patch(noisy, b, c, h, w)
+        img_ids = BriaFiboPipeline._prepare_latent_image_ids(b, h, w, x0.device, dtype)
+        txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
+        unwrapped = getattr(denoiser, "module", denoiser)  # DDP hides the block lists
+        num_blocks = len(unwrapped.transformer_blocks) + len(unwrapped.single_transformer_blocks)
+        layers = fit_text_layers(list(batch["text_layers"].unbind(0)), num_blocks)
+
+        text_mask = batch["text_mask"]
+        attention_kwargs = None
+        if not bool(text_mask.all()):
+            # key-padding mask (B,1,1,S): the pipeline's form; a dense SxS matrix costs ~40% per step
+            image_mask = torch.ones(b, h * w, dtype=torch.bool, device=x0.device)
+            attention_kwargs = {"attention_mask": torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]}
+
+        pred = denoiser(
+            hidden_states=packed.to(dtype),
+            timestep=sigmas * 1000,  # FIBO's transformer takes sigma*1000 and does not rescale
+            encoder_hidden_states=batch["prompt_embeds"],
+            text_encoder_layers=layers,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            joint_attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+        target_packed = BriaFiboPipeline._pack_latents_no_patch(target, b, c, h, w)
+        return F.mse_loss(pred.float(), target_packed.float())
+
+    # ---- export -------------------------------------------------------------------------------
+
+    def save_lora(self, directory: Path, lora_state: dict[str, torch.Tensor], adapter_metadata: dict) -> None:
+        # FluxLoraLoaderMixin adds the transformer. prefix and stores the LoraConfig in the header
+        BriaFiboPipeline.save_lora_weights(
+            directory,
+            transformer_lora_layers=lora_state,
+            transformer_lora_adapter_metadata=adapter_metadata,
+            weight_name="pytorch_lora_weights.safetensors",
+        )
+
+    # ---- tiny base ----------------------------------------------------------------------------
+
+    def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
+        from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+        torch.manual_seed(seed)
+        tokenizer = build_byte_tokenizer()
+        # vocab must reach FIBO's hard-coded BOS id 128000; tied embeddings keep the file small
+        text_encoder = SmolLM3ForCausalLM(SmolLM3Config(
+            vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=128000, eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        ))
+        # 1 dual + 3 single blocks > 3 hidden states: exercises the pipeline's "repeat the last" rule
+        transformer = BriaFiboTransformer2DModel(
+            patch_size=1, in_channels=48, num_layers=1, num_single_layers=3, attention_head_dim=8,
+            num_attention_heads=8, joint_attention_dim=64, text_encoder_dim=32, pooled_projection_dim=None,
+            axes_dims_rope=[0, 4, 4],
+        )
+        generator = torch.Generator().manual_seed(seed)
+        vae = AutoencoderKLWan(
+            base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+            in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+            temperal_downsample=[False, True, True],
+            # non-trivial statistics, so that tests see the normalisation at work
+            latents_mean=(torch.randn(48, generator=generator) * 0.1).tolist(),
+            latents_std=(torch.rand(48, generator=generator) + 0.5).tolist(),
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )
+        pipe = BriaFiboPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                tokenizer=tokenizer)
+        pipe.save_pretrained(out_dir)

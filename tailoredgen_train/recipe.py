@@ -1,0 +1,235 @@
+"""The LoRA fine-tuning recipe: wire a family, the data, the cache, the optimizer and the trainer.
+
+`run_training(job)` is what every entry point ends in: the CLI, `python -m tailoredgen_train`
+under `accelerate launch` (one call per process), and the jobs `start_training` launches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+
+from . import __version__
+from .config import EngineConfig, engine_config_from_dict
+from .contract import TrainingParameters, canonical_version
+from .data import BucketBatchSampler, nearest_bucket, scale_buckets, validate_dataset
+from .engine.cache import CachedFeatures, CollateWithIndices, FeatureCache, fill_cache
+from .engine.checkpoint import Checkpointer
+from .engine.lora import add_lora, lora_signature, trainable_parameters
+from .engine.trainer import StepRecord, Trainer, TrainerSettings
+from .errors import ResumeError
+from .families import family_for_version, load_version_map
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobSpec:
+    """Everything one training job needs; `job.json` in the output folder is this, serialised."""
+
+    base: str
+    dataset_dir: str
+    output_dir: str
+    training_version: str
+    params: TrainingParameters
+    engine: EngineConfig
+    caption_prefix: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    version_map: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "params": self.params.to_dict(), "engine": self.engine.to_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
+        raw = dict(raw)
+        raw["params"] = TrainingParameters(**raw["params"])
+        raw["engine"] = engine_config_from_dict(raw["engine"], source="job spec")
+        return cls(**raw)
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    checkpoints: list[Path]
+    history: list[StepRecord]
+    denoiser: torch.nn.Module
+    """The trained denoiser with its LoRA (unwrapped), for in-process callers."""
+
+
+def _mixed_precision(config: EngineConfig) -> str:
+    if config.run.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return config.run.mixed_precision
+
+
+def _check_output_dir(job: JobSpec, checkpointer: Checkpointer) -> None:
+    """A fresh run never silently mixes its checkpoints with an earlier run's."""
+    if job.resume or not checkpointer.steps():
+        return
+    if not job.overwrite:
+        raise ResumeError(
+            f"output directory {job.output_dir} already holds checkpoints {checkpointer.steps()}: pass --resume "
+            "to continue that run, --overwrite to discard it, or choose a new --output."
+        )
+    for step in checkpointer.steps():
+        shutil.rmtree(checkpointer.path_for(step))
+
+
+def run_training(job: JobSpec) -> TrainingResult:
+    config, params = job.engine, job.params
+    version_map = load_version_map(job.version_map)
+    family = family_for_version(job.training_version, config.model, version_map)
+    output_dir = Path(job.output_dir)
+    accelerator = Accelerator(
+        # without a GPU, accelerate forms a gloo group only when told it runs on CPU
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=_mixed_precision(config),
+        log_with=None if config.run.log_with == "none" else config.run.log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    main = accelerator.is_main_process
+    checkpointer = Checkpointer(output_dir, is_main_process=main)
+    if main:
+        _check_output_dir(job, checkpointer)
+    accelerator.wait_for_everyone()
+    if accelerator.device.type == "cuda":
+        # cuDNN SDPA's backward crashes at FIBO shapes (h100-measurements.md); flash/efficient remain
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = config.run.allow_tf32
+        torch.backends.cudnn.allow_tf32 = config.run.allow_tf32
+
+    report = validate_dataset(job.dataset_dir, caption_format=family.caption_format, min_side=config.data.min_side,
+                              max_pixels=config.data.max_pixels, caption_prefix=job.caption_prefix)
+    report.raise_if_invalid()
+    samples = report.samples
+
+    weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    # the LoRA init is the only draw from the global generators; the same seed gives the same run
+    set_seed(config.run.seed)
+    model = family.load(job.base, device=accelerator.device, weight_dtype=weight_dtype)
+    targets = config.lora.target_modules or list(family.default_lora_targets)
+    num_trainable = add_lora(model.denoiser, rank=params.rank, targets=targets, init=config.lora.init)
+    if config.run.gradient_checkpointing:
+        model.denoiser.enable_gradient_checkpointing()
+
+    buckets = scale_buckets(family.bucket_base, config.data.resolution, family.bucket_multiple)
+    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
+    cache = FeatureCache(cache_dir, namespace=f"{family.name}:{model.fingerprint}:{json.dumps(config.model, sort_keys=True)}")
+    items = [cache.item(s, nearest_bucket(s.width, s.height, buckets)) for s in samples]
+    encoded = fill_cache(cache, items, lambda pixels, caption: family.encode_sample(model, pixels, caption),
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         max_pixels=config.data.max_pixels)
+    accelerator.wait_for_everyone()
+    # every feature is on disk now: the VAE and text encoder leave the accelerator for good
+    family.release_encoders(model)
+    gc.collect()
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    sampler = BucketBatchSampler([item.bucket for item in items], config.data.batch_size, config.run.seed,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+    dataset = CachedFeatures(cache, items)
+    collate = CollateWithIndices(family.collate)
+
+    def batches_from(cursor: int):
+        return iter(torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler.iter_from(cursor), collate_fn=collate,
+            num_workers=config.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+        ))
+
+    optim = config.optim
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model.denoiser), lr=params.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_epsilon, weight_decay=optim.weight_decay, fused=accelerator.device.type == "cuda",
+    )
+    # not passed to accelerator.prepare: its wrapper steps the schedule once per process
+    lr_scheduler = get_scheduler(
+        params.lr_scheduler, optimizer, num_warmup_steps=params.effective_warmup_steps,
+        num_training_steps=params.total_training_steps, num_cycles=optim.lr_num_cycles, power=optim.lr_power,
+    )
+    denoiser = accelerator.prepare(model.denoiser)
+
+    identity = {
+        "family": family.name,
+        "base_fingerprint": model.fingerprint,
+        "lora": lora_signature(model.denoiser),
+        "training_parameters": params.to_dict(),
+        "engine_config": config.to_dict(),
+    }
+    trainer = Trainer(
+        family=family, denoiser=denoiser, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
+        batches_from=batches_from, checkpointer=checkpointer, identity=identity,
+        sample_ids=[item.sample.sample_id for item in items],
+        settings=TrainerSettings(
+            total_steps=params.total_training_steps, checkpoint_steps=params.checkpoint_steps(),
+            gradient_accumulation_steps=optim.gradient_accumulation_steps, max_grad_norm=optim.max_grad_norm,
+            seed=config.run.seed, log_every=config.run.log_every, log_samples=config.run.log_samples,
+        ),
+    )
+    if job.resume:
+        latest = checkpointer.latest()
+        if latest is None:
+            log.warning("--resume: no valid checkpoint in %s; starting from step 0", output_dir)
+        else:
+            trainer.load_checkpoint(latest)
+            accelerator.print(f"resumed from {latest} at step {trainer.progress.step}")
+
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "job.json").write_text(json.dumps({**job.to_dict(), "engine_version": __version__}, indent=1))
+    accelerator.print(_startup_summary(job, family.name, accelerator, len(samples), encoded, buckets, items,
+                                       num_trainable, sampler.batches_per_epoch))
+    accelerator.init_trackers("tailoredgen-train", config=_flat_hparams(job))
+    history = trainer.train()
+    accelerator.end_training()
+    checkpoints = [checkpointer.path_for(s) for s in params.checkpoint_steps() if checkpointer.path_for(s).is_dir()]
+    accelerator.print(_finish_summary(checkpoints))
+    return TrainingResult(output_dir=output_dir, checkpoints=checkpoints, history=history,
+                          denoiser=accelerator.unwrap_model(denoiser))
+
+
+def _flat_hparams(job: JobSpec) -> dict[str, Any]:
+    flat = {f"params/{k}": v for k, v in job.params.to_dict().items() if v is not None}
+    flat.update({"training_version": canonical_version(job.training_version), "base": job.base})
+    return flat
+
+
+def _startup_summary(job, family_name, accelerator, num_samples, encoded, buckets, items, num_trainable,
+                     batches_per_epoch) -> str:
+    params, config = job.params, job.engine
+    used = sorted({item.bucket for item in items})
+    effective_batch = config.data.batch_size * config.optim.gradient_accumulation_steps * accelerator.num_processes
+    lines = [
+        f"tailoredgen-train {__version__}: training_version={job.training_version} (family {family_name})",
+        "resolved training_parameters: " + json.dumps(params.to_dict()),
+        f"checkpoint steps: {params.checkpoint_steps()}",
+        f"base: {job.base}",
+        f"dataset: {job.dataset_dir} ({num_samples} images; {encoded} encoded by this process, rest cached)",
+        f"buckets used: {', '.join(f'{w}x{h}' for w, h in used)} (of {len(buckets)} at resolution {config.data.resolution})",
+        f"processes: {accelerator.num_processes} on {accelerator.device.type}, precision {accelerator.mixed_precision}",
+        f"effective batch: {effective_batch} = {config.data.batch_size} x {config.optim.gradient_accumulation_steps} "
+        f"accumulation x {accelerator.num_processes} processes; {batches_per_epoch} micro-batches per epoch per process",
+        f"LoRA: rank {params.rank}, alpha {params.rank}, {num_trainable:,} trainable parameters",
+        f"output: {job.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def _finish_summary(checkpoints: list[Path]) -> str:
+    lines = ["done. LoRA files:"]
+    lines += [f"  {path / 'pytorch_lora_weights.safetensors'}" for path in checkpoints]
+    return "\n".join(lines)
+

@@ -1,0 +1,221 @@
+"""Engine config: every shipped YAML loads, unknown keys and bad values are refused naming the key,
+overrides are typed, and the fingerprint is stable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tailoredgen_train.config import DataConfig, EngineConfig, load_engine_config
+from tailoredgen_train.errors import ConfigError
+from tailoredgen_train.families import family_for_version, load_version_map
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+FIBO_TINY = REPO / "configs" / "fibo-tiny.yaml"
+
+
+def _write(tmp_path: Path, raw, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED_CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_fibo_accepts_its_model_section(path):
+    cfg = load_engine_config(path)
+    assert isinstance(cfg, EngineConfig)
+    family = family_for_version("fibo", cfg.model)
+    assert family.name == "fibo"
+    for key, value in cfg.model.items():
+        assert getattr(family.options, key) == value
+
+
+def test_defaults_load_without_a_file():
+    assert load_engine_config(None) == EngineConfig()
+
+
+def test_packaged_version_map_covers_all_five_versions():
+    assert load_version_map() == {
+        "fibo": "fibo", "3.2": "bria-3.2", "2.3": "bria-2.3", "max": "bria-3.2", "light": "bria-2.3"
+    }
+
+
+# ---- unknown keys --------------------------------------------------------------------------------
+
+
+def test_unknown_top_level_section_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="trainer"):
+        load_engine_config(_write(tmp_path, {"trainer": {"steps": 1}}))
+
+
+def test_misspelt_key_inside_a_section_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.resolutoin"):
+        load_engine_config(_write(tmp_path, {"data": {"resolutoin": 512}}))
+
+
+def test_unknown_model_key_is_refused_by_the_fibo_family(tmp_path):
+    cfg = load_engine_config(_write(tmp_path, {"model": {"max_seq_len": 512}}))
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len"):
+        family_for_version("fibo", cfg.model)
+
+
+@pytest.mark.parametrize("section", ["data", "model"])
+def test_section_that_is_not_a_mapping_is_refused(tmp_path, section):
+    with pytest.raises(ConfigError, match=section):
+        load_engine_config(_write(tmp_path, {section: [1, 2]}))
+
+
+# ---- invalid values ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, field_path",
+    [
+        ({"data": {"batch_size": 0}}, "data.batch_size"),
+        ({"data": {"resolution": 32}}, "data.resolution"),
+        ({"data": {"num_workers": -1}}, "data.num_workers"),
+        ({"optim": {"adam_beta1": 1.0}}, "optim.adam_beta1"),
+        ({"optim": {"gradient_accumulation_steps": 0}}, "optim.gradient_accumulation_steps"),
+        ({"optim": {"adam_epsilon": 0}}, "optim.adam_epsilon"),
+        ({"run": {"mixed_precision": "fp16"}}, "run.mixed_precision"),
+        ({"run": {"log_with": "wandb"}}, "run.log_with"),
+        ({"run": {"seed": -1}}, "run.seed"),
+        ({"lora": {"target_modules": []}}, "lora.target_modules"),
+        ({"lora": {"init": "kaiming"}}, "lora.init"),
+    ],
+)
+def test_invalid_value_is_refused_naming_section_and_field(tmp_path, raw, field_path):
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(_write(tmp_path, raw))
+    assert field_path in info.value.message
+
+
+@pytest.mark.parametrize(
+    "options, field_path",
+    [
+        ({"max_sequence_length": 5000}, "model.max_sequence_length"),
+        ({"max_sequence_length": 0}, "model.max_sequence_length"),
+        ({"uniform_sigma_fraction": 1.5}, "model.uniform_sigma_fraction"),
+        ({"logit_normal_std": 0}, "model.logit_normal_std"),
+    ],
+)
+def test_invalid_model_value_is_refused_by_the_family(tmp_path, options, field_path):
+    cfg = load_engine_config(_write(tmp_path, {"model": options}))
+    with pytest.raises(ConfigError) as info:
+        family_for_version("fibo", cfg.model)
+    assert field_path in info.value.message
+
+
+def test_wrongly_typed_value_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="data"):
+        load_engine_config(_write(tmp_path, {"data": {"batch_size": "four"}}))
+
+
+# ---- overrides -----------------------------------------------------------------------------------
+
+
+def test_overrides_apply_typed_values():
+    cfg = load_engine_config(FIBO_TINY, ["data.resolution=512", "run.log_with=none"])
+    assert cfg.data.resolution == 512
+    assert type(cfg.data.resolution) is int
+    assert cfg.run.log_with == "none"
+    # the rest of the file is kept
+    assert cfg.data.min_side == 128
+    assert cfg.model == {"max_sequence_length": 3000}
+
+
+def test_overrides_apply_without_a_file():
+    cfg = load_engine_config(None, ["optim.weight_decay=0.01", "run.gradient_checkpointing=true"])
+    assert cfg.optim.weight_decay == 0.01
+    assert cfg.run.gradient_checkpointing is True
+
+
+def test_override_creates_a_section_missing_from_the_file():
+    cfg = load_engine_config(FIBO_TINY, ["optim.adam_beta2=0.99", "model.logit_normal_std=0.5"])
+    assert cfg.optim.adam_beta2 == 0.99
+    assert cfg.model["logit_normal_std"] == 0.5
+
+
+@pytest.mark.parametrize("override", ["data.resolution", "resolution512"])
+def test_malformed_override_is_refused(override):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_engine_config(FIBO_TINY, [override])
+
+
+def test_override_of_an_unknown_key_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.resolutoin"):
+        load_engine_config(FIBO_TINY, ["data.resolutoin=512"])
+
+
+def test_override_with_an_invalid_value_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        load_engine_config(FIBO_TINY, ["data.batch_size=0"])
+
+
+# ---- bad files -----------------------------------------------------------------------------------
+
+
+def test_missing_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(path)
+    assert str(path) in info.value.message
+
+
+def test_invalid_yaml_is_refused_naming_the_file(tmp_path):
+    path = _write(tmp_path, "data: [unclosed\n  resolution: : 512\n")
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(path)
+    assert str(path) in info.value.message
+
+
+@pytest.mark.parametrize("text", ["- data\n- optim\n", "just a string\n", "42\n"])
+def test_yaml_that_is_not_a_mapping_is_refused_naming_the_file(tmp_path, text):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(path)
+    assert str(path) in info.value.message
+
+
+def test_binary_file_is_refused_naming_the_file(tmp_path):
+    # e.g. an image or a weights file passed as --config by mistake
+    path = tmp_path / "image.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(path)
+    assert str(path) in info.value.message
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    assert load_engine_config(_write(tmp_path, "")) == EngineConfig()
+
+
+# ---- fingerprint ---------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable():
+    assert EngineConfig().fingerprint() == EngineConfig().fingerprint()
+    assert load_engine_config(FIBO_TINY).fingerprint() == load_engine_config(FIBO_TINY).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        EngineConfig(data=DataConfig(resolution=512)),
+        EngineConfig(model={"max_sequence_length": 512}),
+    ],
+)
+def test_fingerprint_changes_when_a_value_changes(changed):
+    assert changed.fingerprint() != EngineConfig().fingerprint()
+
+
+def test_fingerprint_changes_with_an_override():
+    base = load_engine_config(FIBO_TINY)
+    assert load_engine_config(FIBO_TINY, ["run.seed=1"]).fingerprint() != base.fingerprint()
