@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
 
 from . import __version__
 from .config import EngineConfig, engine_config_from_dict
 from .contract import TrainingParameters, canonical_version
 from .data import BucketBatchSampler, nearest_bucket, scale_buckets, validate_dataset
-from .engine.cache import CachedFeatures, CollateWithIndices, FeatureCache, fill_cache
+from .engine.cache import CacheItem, CachedFeatures, CollateWithIndices, FeatureCache, fill_cache
 from .engine.checkpoint import Checkpointer
 from .engine.lora import add_lora, lora_signature, trainable_parameters
+from .engine.schedule import build_lr_scheduler
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
 from .errors import ResumeError
 from .families import family_for_version, load_version_map
@@ -88,11 +88,7 @@ def _check_output_dir(job: JobSpec, checkpointer: Checkpointer) -> None:
         shutil.rmtree(checkpointer.path_for(step))
 
 
-def run_training(job: JobSpec) -> TrainingResult:
-    config, params = job.engine, job.params
-    version_map = load_version_map(job.version_map)
-    family = family_for_version(job.training_version, config.model, version_map)
-    output_dir = Path(job.output_dir)
+def _make_accelerator(config: EngineConfig, output_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         # without a GPU, accelerate forms a gloo group only when told it runs on CPU
         cpu=not torch.cuda.is_available(),
@@ -100,16 +96,43 @@ def run_training(job: JobSpec) -> TrainingResult:
         log_with=None if config.run.log_with == "none" else config.run.log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    main = accelerator.is_main_process
-    checkpointer = Checkpointer(output_dir, is_main_process=main)
-    if main:
-        _check_output_dir(job, checkpointer)
-    accelerator.wait_for_everyone()
     if accelerator.device.type == "cuda":
         # cuDNN SDPA's backward crashes at FIBO shapes (h100-measurements.md); flash/efficient remain
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = config.run.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.run.allow_tf32
+    return accelerator
+
+
+def _cache_features(family, model, samples, buckets, config: EngineConfig, output_dir: Path,
+                    accelerator: Accelerator) -> tuple[FeatureCache, list[CacheItem], int]:
+    """Encode every sample once (each process a share), then free the encoders for good."""
+    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
+    namespace = f"{family.name}:{model.fingerprint}:{json.dumps(config.model, sort_keys=True)}"
+    cache = FeatureCache(cache_dir, namespace=namespace)
+    items = [cache.item(s, nearest_bucket(s.width, s.height, buckets)) for s in samples]
+    encoded = fill_cache(cache, items, lambda pixels, caption: family.encode_sample(model, pixels, caption),
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         max_pixels=config.data.max_pixels)
+    accelerator.wait_for_everyone()
+    family.release_encoders(model)
+    gc.collect()
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return cache, items, encoded
+
+
+def run_training(job: JobSpec) -> TrainingResult:
+    config, params = job.engine, job.params
+    version_map = load_version_map(job.version_map)
+    family = family_for_version(job.training_version, config.model, version_map)
+    output_dir = Path(job.output_dir)
+    accelerator = _make_accelerator(config, output_dir)
+    main = accelerator.is_main_process
+    checkpointer = Checkpointer(output_dir, is_main_process=main)
+    if main:
+        _check_output_dir(job, checkpointer)
+    accelerator.wait_for_everyone()
 
     report = validate_dataset(job.dataset_dir, caption_format=family.caption_format, min_side=config.data.min_side,
                               max_pixels=config.data.max_pixels, caption_prefix=job.caption_prefix)
@@ -126,18 +149,7 @@ def run_training(job: JobSpec) -> TrainingResult:
         model.denoiser.enable_gradient_checkpointing()
 
     buckets = scale_buckets(family.bucket_base, config.data.resolution, family.bucket_multiple)
-    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
-    cache = FeatureCache(cache_dir, namespace=f"{family.name}:{model.fingerprint}:{json.dumps(config.model, sort_keys=True)}")
-    items = [cache.item(s, nearest_bucket(s.width, s.height, buckets)) for s in samples]
-    encoded = fill_cache(cache, items, lambda pixels, caption: family.encode_sample(model, pixels, caption),
-                         rank=accelerator.process_index, world_size=accelerator.num_processes,
-                         max_pixels=config.data.max_pixels)
-    accelerator.wait_for_everyone()
-    # every feature is on disk now: the VAE and text encoder leave the accelerator for good
-    family.release_encoders(model)
-    gc.collect()
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()
+    cache, items, encoded = _cache_features(family, model, samples, buckets, config, output_dir, accelerator)
 
     sampler = BucketBatchSampler([item.bucket for item in items], config.data.batch_size, config.run.seed,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -156,10 +168,7 @@ def run_training(job: JobSpec) -> TrainingResult:
         eps=optim.adam_epsilon, weight_decay=optim.weight_decay, fused=accelerator.device.type == "cuda",
     )
     # not passed to accelerator.prepare: its wrapper steps the schedule once per process
-    lr_scheduler = get_scheduler(
-        params.lr_scheduler, optimizer, num_warmup_steps=params.effective_warmup_steps,
-        num_training_steps=params.total_training_steps, num_cycles=optim.lr_num_cycles, power=optim.lr_power,
-    )
+    lr_scheduler = build_lr_scheduler(optimizer, params, optim)
     denoiser = accelerator.prepare(model.denoiser)
 
     identity = {

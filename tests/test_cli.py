@@ -134,12 +134,14 @@ def test_train_command_in_expert_mode_writes_checkpoints(capsys, tiny_fibo_base,
     """The demo's command, shortened: 100 steps is the smallest run with the contract's smallest interval."""
     dataset = subset_dataset(tmp_path / "data", 2)
     code, out, _ = run_cli(capsys, *train_args(tiny_fibo_base, dataset, tmp_path / "out", "--training-mode", "expert",
-                                               "--total-training-steps", "100", "--checkpoint-interval", "100"))
+                                               "--total-training-steps", "100", "--checkpoint-interval", "100",
+                                               "--set", "run.log_with=tensorboard"))
     assert code == 0
     assert '"lr_warmup_steps": 100' in out and "checkpoint steps: [100]" in out
     assert (tmp_path / "out" / "checkpoint-100" / "pytorch_lora_weights.safetensors").is_file()
     job = json.loads((tmp_path / "out" / "job.json").read_text())
     assert job["params"]["lr_scheduler"] == "constant_with_warmup"
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard via accelerate
 
 
 def test_module_entry_point_runs(tmp_path):
