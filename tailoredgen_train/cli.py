@@ -95,7 +95,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                               max_pixels=engine.data.max_pixels, caption_prefix=args.caption_prefix)
     if args.json:
         print(json.dumps({"ok": report.ok, "valid_images": len(report.samples),
-                          "problems": [p.to_dict() for p in report.problems]}, indent=1))
+                          "problems": [p.to_dict() for p in report.problems],
+                          "notes": [n.to_dict() for n in report.notes]}, indent=1))
     else:
         print(report.format())
     return 0 if report.ok else EXIT_USER_ERROR

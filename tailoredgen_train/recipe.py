@@ -75,8 +75,9 @@ def _mixed_precision(config: EngineConfig) -> str:
     return config.run.mixed_precision
 
 
-def _check_output_dir(job: JobSpec, checkpointer: Checkpointer) -> None:
-    """A fresh run never silently mixes its checkpoints with an earlier run's."""
+def _check_output_dir(job: JobSpec, checkpointer: Checkpointer, accelerator: Accelerator) -> None:
+    """A fresh run never silently mixes its checkpoints with an earlier run's. Every process checks
+    (so all fail together instead of waiting on a barrier); only the main one deletes."""
     if job.resume or not checkpointer.steps():
         return
     if not job.overwrite:
@@ -84,8 +85,10 @@ def _check_output_dir(job: JobSpec, checkpointer: Checkpointer) -> None:
             f"output directory {job.output_dir} already holds checkpoints {checkpointer.steps()}: pass --resume "
             "to continue that run, --overwrite to discard it, or choose a new --output."
         )
-    for step in checkpointer.steps():
-        shutil.rmtree(checkpointer.path_for(step))
+    accelerator.wait_for_everyone()  # everyone has looked before anything disappears
+    if accelerator.is_main_process:
+        for step in checkpointer.steps():
+            shutil.rmtree(checkpointer.path_for(step))
 
 
 def _make_accelerator(config: EngineConfig, output_dir: Path) -> Accelerator:
@@ -108,7 +111,8 @@ def _cache_features(family, model, samples, buckets, config: EngineConfig, outpu
                     accelerator: Accelerator) -> tuple[FeatureCache, list[CacheItem], int]:
     """Encode every sample once (each process a share), then free the encoders for good."""
     cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
-    namespace = f"{family.name}:{model.fingerprint}:{json.dumps(config.model, sort_keys=True)}"
+    options = json.dumps(dataclasses.asdict(family.options), sort_keys=True)
+    namespace = f"{family.name}:{model.fingerprint}:{options}"
     cache = FeatureCache(cache_dir, namespace=namespace)
     items = [cache.item(s, nearest_bucket(s.width, s.height, buckets)) for s in samples]
     encoded = fill_cache(cache, items, lambda pixels, caption: family.encode_sample(model, pixels, caption),
@@ -130,8 +134,7 @@ def run_training(job: JobSpec) -> TrainingResult:
     accelerator = _make_accelerator(config, output_dir)
     main = accelerator.is_main_process
     checkpointer = Checkpointer(output_dir, is_main_process=main)
-    if main:
-        _check_output_dir(job, checkpointer)
+    _check_output_dir(job, checkpointer, accelerator)
     accelerator.wait_for_everyone()
 
     report = validate_dataset(job.dataset_dir, caption_format=family.caption_format, min_side=config.data.min_side,

@@ -57,8 +57,9 @@ class SubprocessLauncher:
 
     def command(self, job_file: Path) -> list[str]:
         if self.num_processes > 1:
-            return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.num_processes),
-                    "-m", "tailoredgen_train", "run-job", str(job_file)]
+            # --multi_gpu also starts a gloo group on CPU-only machines (--cpu would start one process)
+            return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                    "--num_processes", str(self.num_processes), "-m", "tailoredgen_train", "run-job", str(job_file)]
         return [sys.executable, "-m", "tailoredgen_train", "run-job", str(job_file)]
 
     def launch(self, job: JobSpec) -> subprocess.Popen:

@@ -292,3 +292,29 @@ def test_sample_dataset_is_valid() -> None:
     assert total < 200_000
     assert {p.suffix for p in SAMPLE_DATASET_DIR.iterdir()} >= {".png", ".jpg"}
     assert not any(name.startswith(".") for name in os.listdir(SAMPLE_DATASET_DIR))
+
+
+def test_converted_images_are_usable_and_reported_as_notes(tmp_path: Path) -> None:
+    """CMYK, RGBA, 16-bit and EXIF-rotated files are valid: preflight says what each one became."""
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    rgba.save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 40), (9, 9, 9)).save(tmp_path / "rotated.jpg", exif=exif)
+    _image(tmp_path / "plain.png")
+    _jsonl(tmp_path, [{"file_name": n, "caption": COMPACT}
+                      for n in ("cmyk.jpg", "rgba.png", "deep.png", "rotated.jpg", "plain.png")])
+
+    report = validate_dataset(tmp_path, caption_format="json", min_side=32)
+    assert report.ok, report.format()
+    assert {(n.file, n.reason) for n in report.notes} == {
+        ("cmyk.jpg", "cmyk_converted"),
+        ("rgba.png", "alpha_on_black"),
+        ("deep.png", "high_bit_depth_scaled"),
+        ("rotated.jpg", "exif_rotated"),
+    }
+    sizes = {s.sample_id: (s.width, s.height) for s in report.samples}
+    assert sizes["rotated.jpg"] == (40, 80)
+    assert "rgba.png: note alpha_on_black" in report.format()

@@ -111,3 +111,13 @@ def test_subprocess_launch_trains(tiny_fibo_base, tmp_path):
     assert (tmp_path / "out" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "job.json").read_text())["params"]["total_training_steps"] == 1
     assert process.args[:3] == [sys.executable, "-m", "tailoredgen_train"]
+
+
+def test_subprocess_launcher_commands(tmp_path):
+    job_file = tmp_path / "job.json"
+    assert SubprocessLauncher().command(job_file) == [sys.executable, "-m", "tailoredgen_train", "run-job",
+                                                     str(job_file)]
+    several = SubprocessLauncher(num_processes=4).command(job_file)
+    assert several[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in several and several[several.index("--num_processes") + 1] == "4"
+    assert several[-4:] == ["-m", "tailoredgen_train", "run-job", str(job_file)]

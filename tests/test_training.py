@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from helpers import params, subset_dataset, tiny_engine, train
 from tailoredgen_train.engine.checkpoint import Checkpointer
 from tailoredgen_train.errors import BaseModelError, DatasetInvalidError, ResumeError
+from tailoredgen_train.data import SAMPLE_DATASET_DIR
 from tailoredgen_train.families.fibo import FiboFamily
+from tailoredgen_train.recipe import JobSpec, run_training
 
 PROMPT = '{"short_description":"a red circle on a blue background"}'
 
@@ -136,6 +138,15 @@ def test_a_fresh_run_refuses_an_output_folder_with_checkpoints(tiny_fibo_base, t
     train(tiny_fibo_base, tmp_path / "out", params(2, rank=4))
     with pytest.raises(ResumeError, match="--resume"):
         train(tiny_fibo_base, tmp_path / "out", params(2, rank=4))
+
+
+def test_overwrite_discards_the_earlier_run(tiny_fibo_base, tmp_path):
+    train(tiny_fibo_base, tmp_path / "out", params(4, rank=4, interval=2))
+    result = run_training(JobSpec(base=str(tiny_fibo_base), dataset_dir=str(SAMPLE_DATASET_DIR),
+                                  output_dir=str(tmp_path / "out"), training_version="fibo",
+                                  params=params(1, rank=4), engine=tiny_engine(), overwrite=True))
+    assert [p.name for p in result.checkpoints] == ["checkpoint-1"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(tiny_fibo_base, tmp_path):

@@ -36,14 +36,17 @@ def has_image_extension(name: str | Path) -> bool:
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000) -> Image.Image:
+def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000, notes: list[str] | None = None) -> Image.Image:
     """Open `path` read-only, decode it fully, apply EXIF orientation and return 8-bit RGB.
 
     Transparent pixels are composited onto black (Bria converts transparent backgrounds to
     black), high-bit-depth images are scaled (not clipped) to 8 bits and animated images give
     their first frame. Raises ImageProblem with reason empty_file, not_an_image, truncated,
-    corrupt, too_many_pixels, unsupported_format or missing_file.
+    corrupt, too_many_pixels, unsupported_format or missing_file. Each conversion applied is
+    appended to `notes` (exif_rotated, alpha_on_black, cmyk_converted, high_bit_depth_scaled,
+    first_frame_only), so preflight can tell the user what their images became.
     """
+    notes = notes if notes is not None else []
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -56,7 +59,7 @@ def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000) -> Image.Image:
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb must be a hard error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return _decode(im, max_pixels)
+                return _decode(im, max_pixels, notes)
     except ImageProblem:
         raise
     except UnidentifiedImageError:
@@ -68,7 +71,7 @@ def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000) -> Image.Image:
         raise ImageProblem(reason, f"the image could not be decoded: {e}") from None
 
 
-def _decode(im: Image.Image, max_pixels: int) -> Image.Image:
+def _decode(im: Image.Image, max_pixels: int, notes: list[str]) -> Image.Image:
     """Check format and size from the header, then decode, orient and normalise."""
     if im.format not in _ALLOWED_FORMATS:
         raise ImageProblem(
@@ -81,8 +84,17 @@ def _decode(im: Image.Image, max_pixels: int) -> Image.Image:
         )
     if getattr(im, "is_animated", False):
         im.seek(0)  # the first frame stands for an animated image
+        notes.append("first_frame_only")
     im.load()  # decode everything now so truncation surfaces here, not mid-training
+    if im.getexif().get(0x0112, 1) not in (1, None):  # 0x0112: EXIF Orientation
+        notes.append("exif_rotated")
     oriented = ImageOps.exif_transpose(im)
+    if oriented.mode in _HIGH_BIT_MODES:
+        notes.append("high_bit_depth_scaled")
+    elif oriented.mode == "CMYK":
+        notes.append("cmyk_converted")
+    elif oriented.mode in _ALPHA_MODES or oriented.mode in ("RGBa", "La") or "transparency" in oriented.info:
+        notes.append("alpha_on_black")
     out = _to_rgb8(oriented)
     # Never hand back an object tied to the open file handle.
     return out.copy() if out is im else out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -35,6 +35,8 @@ class PreflightReport:
     dataset_dir: Path
     samples: list[Sample]
     problems: list[Problem]
+    notes: list[Problem] = field(default_factory=list)
+    """Usable images that were converted on load (reason = what was done), for the user to see."""
 
     @property
     def ok(self) -> bool:
@@ -46,6 +48,7 @@ class PreflightReport:
         lines = [
             f"{p.file}: {p.reason} — {p.detail}" + (f" ({p.source})" if p.source else "") for p in self.problems
         ]
+        lines += [f"{n.file}: note {n.reason} — {n.detail}" for n in self.notes]
         lines.append(f"{len(self.samples)} valid images, {len(self.problems)} problems")
         return "\n".join(lines)
 
@@ -89,6 +92,7 @@ def validate_dataset(
     rows = read_metadata(root)
     samples: list[Sample] = []
     problems: list[Problem] = []
+    notes: list[Problem] = []
     seen: dict[str, str] = {}  # sample_id -> source of its first row
     for row in rows:
         sample_id = _sample_id(row.file_name)
@@ -114,7 +118,7 @@ def validate_dataset(
             )
             continue
         seen[sample_id] = row.source
-        result = _check_row(root, sample_id, row, caption_format, min_side, max_pixels, caption_prefix)
+        result = _check_row(root, sample_id, row, caption_format, min_side, max_pixels, caption_prefix, notes)
         if isinstance(result, Sample):
             samples.append(result)
         else:
@@ -135,7 +139,7 @@ def validate_dataset(
         metadata_name = JSONL_NAME if (root / JSONL_NAME).is_file() else CSV_NAME
         problems.append(Problem(metadata_name, "empty_dataset", "the metadata lists no images; add at least one", None))
     samples.sort(key=lambda s: s.sample_id)
-    return PreflightReport(dataset_dir=root, samples=samples, problems=problems)
+    return PreflightReport(dataset_dir=root, samples=samples, problems=problems, notes=notes)
 
 
 def _sample_id(file_name: str) -> str | None:
@@ -158,10 +162,13 @@ def _check_row(
     min_side: int,
     max_pixels: int,
     caption_prefix: str | None,
+    notes: list[Problem],
 ) -> Sample | list[Problem]:
     """Validate one entry's image and caption; both are reported so one pass fixes everything."""
     image_path = root / sample_id
-    size = _check_image(image_path, sample_id, min_side, max_pixels)
+    conversions: list[str] = []
+    size = _check_image(image_path, sample_id, min_side, max_pixels, conversions)
+    notes.extend(Problem(sample_id, code, _NOTE_DETAILS[code], row.source) for code in conversions)
     caption = _check_caption(row.caption, caption_format, caption_prefix)
     if isinstance(size, _Reject) or isinstance(caption, _Reject):
         return [Problem(sample_id, p.reason, p.detail, row.source) for p in (size, caption) if isinstance(p, _Reject)]
@@ -177,14 +184,25 @@ class _Reject:
     detail: str
 
 
-def _check_image(image_path: Path, sample_id: str, min_side: int, max_pixels: int) -> tuple[int, int] | _Reject:
+_NOTE_DETAILS = {
+    "exif_rotated": "rotated upright by its EXIF orientation",
+    "alpha_on_black": "transparent pixels composited onto black (Bria's rule for transparent backgrounds)",
+    "cmyk_converted": "CMYK converted to RGB",
+    "high_bit_depth_scaled": "more than 8 bits per channel, scaled (not clipped) to 8 bits",
+    "first_frame_only": "animated image: only the first frame is used",
+}
+
+
+def _check_image(
+    image_path: Path, sample_id: str, min_side: int, max_pixels: int, conversions: list[str]
+) -> tuple[int, int] | _Reject:
     """The oriented (width, height) of a usable image, or why it is unusable."""
     if not image_path.is_file():
         return _Reject("missing_file", "no such file in the dataset folder; add it or remove its metadata line")
     if not has_image_extension(sample_id):
         return _Reject("unsupported_format", f"only {', '.join(IMAGE_EXTENSIONS)} images are supported")
     try:
-        image = load_rgb(image_path, max_pixels=max_pixels)
+        image = load_rgb(image_path, max_pixels=max_pixels, notes=conversions)
     except ImageProblem as e:
         return _Reject(e.reason, e.detail)
     width, height = image.size
