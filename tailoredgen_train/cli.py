@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import load_engine_config
 from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
-from .errors import IncompatibleDatasetError, TailoredGenError
+from .errors import TailoredGenError
 
 EXIT_USER_ERROR = 2  # the input is wrong: fix it and run again
 EXIT_FAILURE = 1
@@ -68,15 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .families import family_for_version, load_version_map
     from .recipe import JobSpec, run_training
 
     request = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
     params = resolve_training_parameters(args.training_version, args.training_mode, request)
     engine = load_engine_config(args.config, args.overrides)
-    family = family_for_version(args.training_version, engine.model, load_version_map(args.version_map))
-    if args.caption_prefix and family.caption_format == "json":
-        raise IncompatibleDatasetError(f"--caption-prefix is for legacy text captions; {family.name} captions are JSON")
     run_training(JobSpec(
         base=args.base, dataset_dir=args.dataset, output_dir=args.output, training_version=args.training_version,
         params=params, engine=engine, caption_prefix=args.caption_prefix, resume=args.resume,

@@ -28,7 +28,7 @@ from .engine.checkpoint import Checkpointer
 from .engine.lora import add_lora, lora_signature, trainable_parameters
 from .engine.schedule import build_lr_scheduler
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
-from .errors import ResumeError
+from .errors import IncompatibleDatasetError, ResumeError
 from .families import family_for_version, load_version_map
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,11 @@ def run_training(job: JobSpec) -> TrainingResult:
     config, params = job.engine, job.params
     version_map = load_version_map(job.version_map)
     family = family_for_version(job.training_version, config.model, version_map)
+    if job.caption_prefix and family.caption_format == "json":
+        raise IncompatibleDatasetError(
+            f"a caption_prefix ({job.caption_prefix!r}) is for legacy text captions; {family.name} captions are "
+            "structured JSON and take no prefix. Drop the prefix or train a legacy version."
+        )
     output_dir = Path(job.output_dir)
     accelerator = _make_accelerator(config, output_dir)
     main = accelerator.is_main_process
