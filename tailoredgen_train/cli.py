@@ -14,10 +14,11 @@ from pathlib import Path
 
 from .config import load_engine_config
 from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
-from .errors import TailoredGenError
+from .errors import Preempted, TailoredGenError
 
 EXIT_USER_ERROR = 2  # the input is wrong: fix it and run again
 EXIT_FAILURE = 1
+# a run stopped by SIGTERM / SIGINT exits 143 / 130 after saving resume state
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
+    except Preempted as exc:
+        print(f"stopped [{exc.code}]: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except TailoredGenError as exc:
         print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
         return EXIT_USER_ERROR if exc.http_status < 500 else EXIT_FAILURE

@@ -62,6 +62,8 @@ class OptimConfig:
     """Cycles of cosine_with_restarts."""
     lr_power: float = 1.0
     """Power of the polynomial schedule."""
+    max_consecutive_nonfinite: int = 3
+    """Non-finite steps in a row that are skipped before the run fails with non_finite_loss."""
 
     def __post_init__(self) -> None:
         _require(self.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps",
@@ -74,6 +76,8 @@ class OptimConfig:
         _require(self.adam_epsilon > 0, "optim.adam_epsilon", self.adam_epsilon, "use a small positive number")
         _require(self.lr_num_cycles >= 1, "optim.lr_num_cycles", self.lr_num_cycles, "use 1 or more")
         _require(self.lr_power > 0, "optim.lr_power", self.lr_power, "use a positive power")
+        _require(self.max_consecutive_nonfinite >= 0, "optim.max_consecutive_nonfinite",
+                 self.max_consecutive_nonfinite, "use 0 (fail on the first) or more")
 
 
 @dataclass(kw_only=True)

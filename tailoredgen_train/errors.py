@@ -156,3 +156,29 @@ class ResumeError(TailoredGenError):
 class NonFiniteLossError(TailoredGenError):
     code = "non_finite_loss"
     http_status = 500
+
+
+class OutOfMemoryError(TailoredGenError):
+    """The accelerator (or host) ran out of memory during a step; the last checkpoint is intact."""
+
+    code = "oom"
+    http_status = 500
+
+
+class CheckpointWriteError(TailoredGenError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one stays valid."""
+
+    code = "checkpoint_write_failed"
+    http_status = 500
+
+
+class Preempted(TailoredGenError):
+    """SIGTERM/SIGINT stopped the run at a step boundary after saving resume state."""
+
+    code = "preempted"
+    http_status = 503
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT, as shells report them

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from .config import EngineConfig, engine_config_from_dict
 from .contract import TrainingParameters, canonical_version
 from .data import BucketBatchSampler, nearest_bucket, scale_buckets, validate_dataset
 from .engine.cache import CacheItem, CachedFeatures, CollateWithIndices, FeatureCache, fill_cache
-from .engine.checkpoint import Checkpointer
+from .engine.checkpoint import Checkpointer, Storage
+from .engine.preemption import StopFlag
 from .engine.lora import add_lora, lora_signature, trainable_parameters
 from .engine.schedule import build_lr_scheduler
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
@@ -52,6 +53,11 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "params": self.params.to_dict(), "engine": self.engine.to_dict()}
 
+    def fingerprint(self) -> str:
+        """What the run computes (not where it writes or whether it resumes): stored in manifests."""
+        recipe = {k: v for k, v in self.to_dict().items() if k not in ("output_dir", "resume", "overwrite")}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
         raw = dict(raw)
@@ -78,17 +84,33 @@ def _mixed_precision(config: EngineConfig) -> str:
 def _check_output_dir(job: JobSpec, checkpointer: Checkpointer, accelerator: Accelerator) -> None:
     """A fresh run never silently mixes its checkpoints with an earlier run's. Every process checks
     (so all fail together instead of waiting on a barrier); only the main one deletes."""
-    if job.resume or not checkpointer.steps():
+    if accelerator.is_main_process:
+        for leftover in checkpointer.remove_leftovers():
+            log.warning("removed %s, left behind by a process that died while writing it", leftover)
+    existing = checkpointer.published_steps() or checkpointer.resume_steps()
+    if job.resume or not existing:
         return
     if not job.overwrite:
         raise ResumeError(
-            f"output directory {job.output_dir} already holds checkpoints {checkpointer.steps()}: pass --resume "
-            "to continue that run, --overwrite to discard it, or choose a new --output."
+            f"output directory {job.output_dir} already holds checkpoints (steps {sorted(set(existing))}): pass "
+            "--resume to continue that run, --overwrite to discard it, or choose a new --output."
         )
     accelerator.wait_for_everyone()  # everyone has looked before anything disappears
     if accelerator.is_main_process:
-        for step in checkpointer.steps():
-            shutil.rmtree(checkpointer.path_for(step))
+        checkpointer.remove_all()
+
+
+def _find_resume_state(checkpointer: Checkpointer) -> Path | None:
+    """The newest resume state that verifies, or None when none was ever committed (a process
+    killed before its first resume state: the run restarts and rewrites the same LoRA files).
+    States that exist but all fail to verify are refused, never silently replaced by a restart."""
+    latest = checkpointer.latest_resume()
+    if latest is None and checkpointer.resume_steps():
+        raise ResumeError(
+            f"--resume: every resume state in {checkpointer.resume_root} is damaged (its manifest does not verify). "
+            "The published LoRA files are untouched; to train again use --overwrite or a new --output."
+        )
+    return latest
 
 
 def _make_accelerator(config: EngineConfig, output_dir: Path) -> Accelerator:
@@ -126,7 +148,17 @@ def _cache_features(family, model, samples, buckets, config: EngineConfig, outpu
     return cache, items, encoded
 
 
-def run_training(job: JobSpec) -> TrainingResult:
+def run_training(job: JobSpec, *, storage: Storage | None = None) -> TrainingResult:
+    """Run one job to its last step. SIGTERM/SIGINT stop it at a step boundary (Preempted, after
+    saving resume state); `storage` is the checkpoint file-system seam (tests inject faults)."""
+    stop_flag = StopFlag().install()
+    try:
+        return _run(job, storage, stop_flag)
+    finally:
+        stop_flag.restore()
+
+
+def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> TrainingResult:
     config, params = job.engine, job.params
     version_map = load_version_map(job.version_map)
     family = family_for_version(job.training_version, config.model, version_map)
@@ -138,7 +170,7 @@ def run_training(job: JobSpec) -> TrainingResult:
     output_dir = Path(job.output_dir)
     accelerator = _make_accelerator(config, output_dir)
     main = accelerator.is_main_process
-    checkpointer = Checkpointer(output_dir, is_main_process=main)
+    checkpointer = Checkpointer(output_dir, is_main_process=main, storage=storage, config_hash=job.fingerprint())
     _check_output_dir(job, checkpointer, accelerator)
     accelerator.wait_for_everyone()
 
@@ -194,14 +226,17 @@ def run_training(job: JobSpec) -> TrainingResult:
             total_steps=params.total_training_steps, checkpoint_steps=params.checkpoint_steps(),
             gradient_accumulation_steps=optim.gradient_accumulation_steps, max_grad_norm=optim.max_grad_norm,
             seed=config.run.seed, log_every=config.run.log_every, log_samples=config.run.log_samples,
+            max_consecutive_nonfinite=optim.max_consecutive_nonfinite,
         ),
+        stop_flag=stop_flag,
     )
     if job.resume:
-        latest = checkpointer.latest()
+        latest = _find_resume_state(checkpointer)
         if latest is None:
-            log.warning("--resume: no valid checkpoint in %s; starting from step 0", output_dir)
+            log.warning("--resume: no resume state in %s yet; starting from step 0 (any LoRA already published "
+                        "is rewritten with the same values)", output_dir)
         else:
-            trainer.load_checkpoint(latest)
+            trainer.load_resume_state(latest)
             accelerator.print(f"resumed from {latest} at step {trainer.progress.step}")
 
     if main:

@@ -24,16 +24,19 @@ class FakeFamily:
         return (denoiser.weight.sum() * batch["scale"]).squeeze()
 
 
-def bare_trainer(accumulation: int = 1, max_grad_norm: float = 1.0) -> Trainer:
+def bare_trainer(accumulation: int = 1, max_grad_norm: float = 1.0, max_nonfinite: int = 0,
+                 real_optimizer: bool = True) -> Trainer:
     denoiser = torch.nn.Linear(2, 1, bias=False)
-    optimizer = MagicMock()
+    # a real optimizer behind a recording mock: calls are checked, zero_grad really clears
+    optimizer = MagicMock(wraps=torch.optim.SGD(denoiser.parameters(), lr=0.1) if real_optimizer else None)
     scheduler = MagicMock()
     scheduler.get_last_lr.return_value = [1e-4]
     return Trainer(
         family=FakeFamily(), denoiser=denoiser, optimizer=optimizer, lr_scheduler=scheduler,
         accelerator=Accelerator(cpu=True), batches_from=lambda cursor: iter(()), checkpointer=MagicMock(),
         settings=TrainerSettings(total_steps=10, checkpoint_steps=[], gradient_accumulation_steps=accumulation,
-                                 max_grad_norm=max_grad_norm, seed=3, log_every=1),
+                                 max_grad_norm=max_grad_norm, seed=3, log_every=1,
+                                 max_consecutive_nonfinite=max_nonfinite),
         identity={}, progress=Progress(step=4, cursor=8),
     )
 
@@ -43,16 +46,36 @@ def micro(scale: float) -> tuple[list[int], dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_non_finite_loss_raises_before_the_update(poison):
-    trainer = bare_trainer()
+def test_non_finite_loss_fails_before_the_update_when_no_skips_are_allowed(poison):
+    trainer = bare_trainer(max_nonfinite=0)
     before = trainer.denoiser.weight.detach().clone()
-    with pytest.raises(NonFiniteLossError, match="step 5"):
+    with pytest.raises(NonFiniteLossError, match="step 5") as info:
         trainer.train_step([micro(poison)])
+    assert info.value.code == "non_finite_loss"
     trainer.optimizer.step.assert_not_called()
-    trainer.lr_scheduler.step.assert_not_called()
     assert torch.equal(trainer.denoiser.weight, before)
     # the poisoned gradients are dropped, not left to leak into a later step
     trainer.optimizer.zero_grad.assert_called_once_with(set_to_none=True)
+
+
+def test_non_finite_steps_are_skipped_up_to_the_limit_then_fail():
+    trainer = bare_trainer(max_nonfinite=2)
+    records = [trainer.train_step([micro(float("nan"))]) for _ in range(2)]
+    assert all(r.skipped for r in records) and trainer.progress.consecutive_nonfinite == 2
+    trainer.optimizer.step.assert_not_called()
+    assert trainer.lr_scheduler.step.call_count == 2  # skipped steps still advance the schedule
+    with pytest.raises(NonFiniteLossError, match="3th non-finite step in a row"):
+        trainer.train_step([micro(float("nan"))])
+    trainer.optimizer.step.assert_not_called()
+
+
+def test_a_finite_step_resets_the_streak():
+    trainer = bare_trainer(max_nonfinite=1)
+    trainer.train_step([micro(float("nan"))])
+    trainer.train_step([micro(1.0)])
+    assert trainer.progress.consecutive_nonfinite == 0
+    trainer.train_step([micro(float("nan"))])  # allowed again: the streak restarted
+    trainer.optimizer.step.assert_called_once()
 
 
 def test_a_finite_step_updates_once():
@@ -65,7 +88,8 @@ def test_a_finite_step_updates_once():
 
 
 def test_accumulation_averages_micro_batches_and_seeds_each_one():
-    trainer = bare_trainer(accumulation=2, max_grad_norm=0.0)  # 0: no clipping
+    # a pure mock optimizer keeps the accumulated gradient in place for inspection
+    trainer = bare_trainer(accumulation=2, max_grad_norm=0.0, real_optimizer=False)  # 0: no clipping
     record = trainer.train_step([micro(1.0), micro(3.0)])
     weight_sum = float(trainer.denoiser.weight.detach().sum())
     assert record.loss == pytest.approx(weight_sum * 2.0)
@@ -74,7 +98,7 @@ def test_accumulation_averages_micro_batches_and_seeds_each_one():
 
 
 def test_clipping_bounds_the_gradient_norm():
-    trainer = bare_trainer(max_grad_norm=1.0)
+    trainer = bare_trainer(max_grad_norm=1.0, real_optimizer=False)
     record = trainer.train_step([micro(2.0)])
     assert record.grad_norm == pytest.approx(2 * 2**0.5)  # reported before clipping
     assert float(trainer.denoiser.weight.grad.norm()) == pytest.approx(1.0, rel=1e-5)
@@ -83,3 +107,16 @@ def test_clipping_bounds_the_gradient_norm():
 def test_step_seeds_differ_by_step_micro_batch_and_process():
     seeds = {step_seed(0, s, m, r) for s in range(50) for m in range(4) for r in range(8)}
     assert len(seeds) == 50 * 4 * 8
+
+
+def test_non_finite_weights_are_never_saved(monkeypatch):
+    import tailoredgen_train.engine.trainer as trainer_module
+
+    trainer = bare_trainer()
+    monkeypatch.setattr(trainer_module, "lora_state_dict", lambda model: {"a.lora_A.weight": torch.tensor([float("nan")])})
+    with pytest.raises(NonFiniteLossError, match="refusing to save"):
+        trainer.save_checkpoint()
+    with pytest.raises(NonFiniteLossError, match="refusing to save"):
+        trainer.save_resume_state()
+    trainer.checkpointer.publish.assert_not_called()
+    trainer.checkpointer.save_resume.assert_not_called()

@@ -36,8 +36,15 @@ def test_checkpoints_are_written_at_each_interval_and_the_end(trained):
     assert [p.name for p in trained.checkpoints] == ["checkpoint-6", "checkpoint-12"]
     for path in trained.checkpoints:
         assert Checkpointer.verify(path)
-        assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "pytorch_lora_weights.safetensors", "resume"]
-        assert json.loads((path / "resume" / "state.json").read_text())["step"] == int(path.name.split("-")[1])
+        assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "pytorch_lora_weights.safetensors"]
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["step"] == int(path.name.split("-")[1]) and manifest["kind"] == "lora"
+        assert len(manifest["config_hash"]) == 16
+        assert manifest["files"]["pytorch_lora_weights.safetensors"]["sha256"]
+    for step in (6, 12):
+        state = trained.output_dir / "resume" / f"step-{step}"
+        assert Checkpointer.verify(state, "resume")
+        assert json.loads((state / "state.json").read_text())["step"] == step
     assert not list(trained.output_dir.glob(".checkpoint-*"))  # no staging folders left behind
 
 
@@ -149,16 +156,31 @@ def test_overwrite_discards_the_earlier_run(tiny_fibo_base, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-def test_resume_skips_a_damaged_newest_checkpoint(tiny_fibo_base, tmp_path):
+def test_resume_skips_a_damaged_newest_resume_state(tiny_fibo_base, tmp_path, caplog):
     train(tiny_fibo_base, tmp_path / "out", params(4, rank=4, interval=2))
-    damaged = tmp_path / "out" / "checkpoint-4" / "pytorch_lora_weights.safetensors"
+    damaged = tmp_path / "out" / "resume" / "step-4" / "adapter.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit: safetensors would load it silently
     damaged.write_bytes(bytes(data))
-    assert Checkpointer(tmp_path / "out").latest() == tmp_path / "out" / "checkpoint-2"
+    assert Checkpointer(tmp_path / "out").latest_resume() == tmp_path / "out" / "resume" / "step-2"
     result = train(tiny_fibo_base, tmp_path / "out", params(4, rank=4, interval=2), resume=True)
     assert [r.step for r in result.history] == [3, 4]
-    assert Checkpointer.verify(tmp_path / "out" / "checkpoint-4")  # rewritten whole
+    assert "skipping resume state" in caplog.text
+    assert Checkpointer.verify(tmp_path / "out" / "resume" / "step-4", "resume")  # rewritten whole
+
+
+def test_a_flipped_byte_in_a_published_lora_is_detected(trained):
+    path = trained.checkpoints[0]
+    lora = path / "pytorch_lora_weights.safetensors"
+    original = lora.read_bytes()
+    try:
+        lora.write_bytes(original[:-1] + bytes([original[-1] ^ 0x01]))
+        assert not Checkpointer.verify(path)
+        lora.write_bytes(original[: len(original) // 2])  # truncated
+        assert not Checkpointer.verify(path)
+    finally:
+        lora.write_bytes(original)
+    assert Checkpointer.verify(path)  # negative control
 
 
 def test_a_bad_dataset_stops_the_run_before_loading_the_model(tiny_fibo_base, tmp_path):

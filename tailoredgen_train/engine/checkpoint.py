@@ -1,18 +1,22 @@
-"""Checkpointer: `OUTPUT/checkpoint-<step>/` folders that are complete or absent, never half-written.
+"""Checkpointer: folders that are complete or absent, never half-written.
 
-Layout of one checkpoint:
-    pytorch_lora_weights.safetensors   the published LoRA (the family's pipeline loads it)
-    resume/optimizer.pt                optimizer state (tensors only: loads with weights_only=True)
-    resume/state.json                  step, data cursor, LR-scheduler state, what must match to resume
-    manifest.json                      written last: size and sha256 of every other file
+Two kinds, both committed the same way (files into a staging folder, fsync, a manifest with each
+file's sha256 written last, one rename into place):
 
-Files are written into a staging folder, fsynced, the manifest goes in last, and the folder is
-renamed into place. A checkpoint counts only if its manifest verifies, so "latest" is the newest
-checkpoint that verifies, never just the highest number.
+    OUTPUT/checkpoint-<step>/          published LoRA, kept for every checkpoint step
+        pytorch_lora_weights.safetensors   (the family's pipeline loads this folder)
+        manifest.json
+    OUTPUT/resume/step-<step>/         resume state, kept for the two newest valid steps only
+        adapter.safetensors  optimizer.pt  state.json  manifest.json
+
+A folder counts only if its manifest verifies: "latest" is the newest folder that verifies, never
+just the highest number. Every file-system call goes through `Storage`, so tests can inject disk
+faults and kills at each phase of a commit.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,17 +24,23 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
+
+from ..errors import CheckpointWriteError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+FORMAT_VERSION = 2
+KEEP_RESUME_STATES = 2  # the newest may be the one being written when the process dies
+_PUBLISHED = re.compile(r"^checkpoint-(\d+)$")
+_RESUME = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\..+\.(tmp|old)-\d+$")
 
 log = logging.getLogger(__name__)
+Kind = Literal["lora", "resume"]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -38,81 +48,180 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class Storage:
+    """The file-system operations a checkpoint commit performs. `fault(phase, step)` is called at
+    each phase of a commit ("<kind>.files_written", "<kind>.manifest_written", "<kind>.renamed",
+    kind being lora or resume) and does nothing here; tests override it to kill or fail."""
+
+    def fault(self, phase: str, step: int) -> None:
+        pass
+
+    def makedirs(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def fsync(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def replace(self, source: Path, target: Path) -> None:
+        os.replace(source, target)
+
+    def rmtree(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Checkpointer:
-    """save(step, write) / latest() / verify(path). Only the main process writes."""
+    """publish(step, write_lora) / save_resume(step, files) / latest_resume() / verify(path).
+    Only the main process writes; the others get the paths and nothing happens."""
 
-    def __init__(self, output_dir: Path, *, is_main_process: bool = True):
+    def __init__(self, output_dir: Path, *, is_main_process: bool = True, storage: Storage | None = None,
+                 config_hash: str = ""):
         self.output_dir = Path(output_dir)
+        self.resume_root = self.output_dir / "resume"
         self.is_main_process = is_main_process
+        self.storage = storage or Storage()
+        self.config_hash = config_hash
 
     def path_for(self, step: int) -> Path:
         return self.output_dir / f"checkpoint-{step}"
 
-    def save(self, step: int, write: Callable[[Path], None], *, extra_manifest: dict | None = None) -> Path:
-        """`write(staging_dir)` puts the files in; this makes them durable and publishes them atomically."""
-        final = self.path_for(step)
+    def resume_path_for(self, step: int) -> Path:
+        return self.resume_root / f"step-{step}"
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def publish(self, step: int, write_lora: Callable[[Path], None]) -> Path:
+        """`write_lora(staging_dir)` writes the LoRA file (the family's own saver does the format)."""
+        return self._write(self.path_for(step), step, "lora", write_lora)
+
+    def save_resume(self, step: int, files: dict[str, bytes]) -> Path:
+        """Commit a resume state, then drop all but the newest KEEP_RESUME_STATES valid ones."""
+
+        def write(staging: Path) -> None:
+            for name, data in files.items():
+                self.storage.write_bytes(staging / name, data)
+
+        path = self._write(self.resume_path_for(step), step, "resume", write)
+        if self.is_main_process:
+            self._purge_resume_states()
+        return path
+
+    def _write(self, final: Path, step: int, kind: Kind, write: Callable[[Path], None]) -> Path:
         if not self.is_main_process:
             return final
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        staging = self.output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        write(staging)
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        manifest = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "files": {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
-            **(extra_manifest or {}),
-        }
-        for p in files:
-            _fsync(p)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync(staging / MANIFEST)
-        if final.exists():  # a rerun of the same step: swap, so a valid copy exists at every moment
-            retired = self.output_dir / f".checkpoint-{step}.old-{os.getpid()}"
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, final)
-        _fsync(self.output_dir)
+        staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        try:
+            self.storage.makedirs(final.parent)
+            self.storage.rmtree(staging)
+            self.storage.makedirs(staging)
+            write(staging)
+            self._commit(staging, final, step, kind)
+        except OSError as exc:
+            self.storage.rmtree(staging)
+            hint = " The disk is full: free space or point --output at a larger volume." \
+                if exc.errno == errno.ENOSPC else ""
+            previous = self.latest_resume()
+            raise CheckpointWriteError(
+                f"writing the {kind} checkpoint for step {step} to {final} failed: {exc}.{hint} Nothing was "
+                f"published for this step; the newest valid resume state is "
+                f"{previous if previous else 'none'}, and `--resume` continues from it."
+            ) from exc
         return final
 
+    def _commit(self, staging: Path, final: Path, step: int, kind: Kind) -> None:
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in files:
+            self.storage.fsync(path)
+        self.storage.fault(f"{kind}.files_written", step)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "kind": kind,
+            "step": step,
+            "config_hash": self.config_hash,
+            "files": {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for p in files},
+        }
+        self.storage.write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self.storage.fault(f"{kind}.manifest_written", step)
+        if final.exists():  # a rerun of the same step: swap, so a valid copy exists at every moment
+            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+            self.storage.replace(final, retired)
+            self.storage.replace(staging, final)
+            self.storage.rmtree(retired)
+        else:
+            self.storage.replace(staging, final)
+        self.storage.fsync(final.parent)
+        self.storage.fault(f"{kind}.renamed", step)
+
+    def _purge_resume_states(self) -> None:
+        valid = [step for step in self.resume_steps() if self.verify(self.resume_path_for(step), "resume")]
+        for step in self.resume_steps():
+            if step not in valid[:KEEP_RESUME_STATES]:
+                self.storage.rmtree(self.resume_path_for(step))
+
+    def remove_leftovers(self) -> list[Path]:
+        """Staging and retired folders a killed process left behind (never valid, safe to delete)."""
+        removed = []
+        for root in (self.output_dir, self.resume_root):
+            if root.is_dir():
+                for path in root.iterdir():
+                    if path.is_dir() and _LEFTOVER.match(path.name):
+                        self.storage.rmtree(path)
+                        removed.append(path)
+        return removed
+
+    def remove_all(self) -> None:
+        for step in self.published_steps():
+            self.storage.rmtree(self.path_for(step))
+        self.storage.rmtree(self.resume_root)
+
+    # ---- reading ------------------------------------------------------------------------------
+
     @staticmethod
-    def verify(path: Path) -> bool:
-        """True when the manifest exists and every listed file has its recorded size and sha256."""
+    def verify(path: Path, kind: Kind = "lora") -> bool:
+        """True when the manifest exists, is of `kind`, and every listed file has its recorded size and
+        sha256 (safetensors itself does not notice a flipped byte)."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
+            if manifest["kind"] != kind:
+                return False
             for name, meta in manifest["files"].items():
                 file = path / name
-                if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
+                if file.stat().st_size != meta["bytes"] or sha256_file(file) != meta["sha256"]:
                     return False
-            return LORA_FILE in manifest["files"]
+            required = {LORA_FILE} if kind == "lora" else {"adapter.safetensors", "optimizer.pt", "state.json"}
+            return required <= set(manifest["files"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
-    def steps(self) -> list[int]:
-        """Steps of the checkpoint folders present, newest first (verified or not)."""
-        if not self.output_dir.is_dir():
+    @staticmethod
+    def _steps(root: Path, pattern: re.Pattern) -> list[int]:
+        if not root.is_dir():
             return []
-        found = [int(m.group(1)) for p in self.output_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-        return sorted(found, reverse=True)
+        return sorted((int(m.group(1)) for p in root.iterdir() if (m := pattern.match(p.name)) and p.is_dir()),
+                      reverse=True)
 
-    def latest(self) -> Path | None:
-        """The newest checkpoint whose manifest verifies; damaged ones are skipped with a warning."""
-        for step in self.steps():
-            path = self.path_for(step)
-            if self.verify(path):
+    def published_steps(self) -> list[int]:
+        """Steps with a published folder, newest first (verified or not)."""
+        return self._steps(self.output_dir, _PUBLISHED)
+
+    def resume_steps(self) -> list[int]:
+        return self._steps(self.resume_root, _RESUME)
+
+    def latest_resume(self) -> Path | None:
+        """The newest resume state that verifies; damaged ones are skipped with a warning."""
+        for step in self.resume_steps():
+            path = self.resume_path_for(step)
+            if self.verify(path, "resume"):
                 return path
-            log.warning("skipping %s: its manifest is missing or does not match its files", path)
+            log.warning("skipping resume state %s: its manifest is missing or does not match its files", path)
         return None

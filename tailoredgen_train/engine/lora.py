@@ -55,11 +55,15 @@ def lora_signature(denoiser: nn.Module) -> dict:
     return {"rank": int(config.r), "lora_alpha": float(config.lora_alpha), "target_modules": sorted(config.target_modules)}
 
 
-def load_lora_state(denoiser: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
-    """Load tensors saved by a family's `save_lora` (keys start with `prefix.`) into the adapter."""
-    stripped = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-    if len(stripped) != len(state):
-        raise ResumeError(f"LoRA file has keys without the '{prefix}.' prefix; it was not written by this engine")
+def load_lora_state(denoiser: nn.Module, state: dict[str, torch.Tensor], prefix: str | None = None) -> None:
+    """Load PEFT-named tensors into the adapter; with `prefix`, keys must start with `prefix.`
+    (the component prefix a family's `save_lora` adds)."""
+    if prefix is None:
+        stripped = dict(state)
+    else:
+        stripped = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if len(stripped) != len(state):
+            raise ResumeError(f"LoRA file has keys without the '{prefix}.' prefix; it was not written by this engine")
     expected = set(get_peft_model_state_dict(denoiser, adapter_name=ADAPTER_NAME))
     if set(stripped) != expected:
         missing, extra = sorted(expected - set(stripped))[:3], sorted(set(stripped) - expected)[:3]

@@ -8,6 +8,8 @@ and the batch order is a pure function of (seed, cursor).
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import logging
 import math
@@ -19,13 +21,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteLossError, ResumeError
+from ..errors import CheckpointWriteError, NonFiniteLossError, OutOfMemoryError, Preempted, ResumeError
 from ..families import ModelFamily
-from .checkpoint import LORA_FILE, Checkpointer
+from .checkpoint import Checkpointer
 from .lora import adapter_metadata, load_lora_state, lora_state_dict, trainable_parameters
+from .preemption import StopFlag
 
 log = logging.getLogger(__name__)
 Batch = tuple[list[int], dict[str, torch.Tensor]]
@@ -39,9 +43,10 @@ def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
 @dataclass
 class Progress:
     step: int = 0
-    """Optimizer steps completed."""
+    """Optimizer steps completed (skipped non-finite steps count: the schedule moves on)."""
     cursor: int = 0
     """Micro-batches this process has consumed (the same on every process)."""
+    consecutive_nonfinite: int = 0
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainerSettings:
     max_grad_norm: float
     seed: int
     log_every: int
+    max_consecutive_nonfinite: int = 3
     log_samples: bool = False
 
 
@@ -61,6 +67,8 @@ class StepRecord:
     loss: float
     lr: float
     grad_norm: float
+    skipped: bool = False
+    """The loss or gradient was not finite, so the update was not applied."""
     seconds: float = 0.0
     """Wall time of the optimizer step, data loading included (the step ends in a host sync)."""
 
@@ -77,8 +85,9 @@ class Trainer:
     checkpointer: Checkpointer
     settings: TrainerSettings
     identity: dict[str, Any]
-    """What a checkpoint must match to be resumed here (base fingerprint, LoRA shape, ...)."""
+    """What a resume state must match to be resumed here (base fingerprint, LoRA shape, ...)."""
     sample_ids: list[str] = field(default_factory=list)
+    stop_flag: StopFlag = field(default_factory=StopFlag)
     progress: Progress = field(default_factory=Progress)
     history: list[StepRecord] = field(default_factory=list)
 
@@ -92,7 +101,7 @@ class Trainer:
         while self.progress.step < settings.total_steps:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(settings.gradient_accumulation_steps)]
-            record = self.train_step(micro_batches)
+            record = self._guarded_step(micro_batches)
             record.seconds = time.perf_counter() - started
             self.progress.step += 1
             self.progress.cursor += len(micro_batches)
@@ -101,15 +110,34 @@ class Trainer:
             bar.update(1)
             if self.progress.step % settings.log_every == 0 or self.progress.step == settings.total_steps:
                 self.accelerator.log({"train/loss": record.loss, "train/lr": record.lr,
-                                      "train/grad_norm": record.grad_norm,
-                                      "train/step_s": record.seconds}, step=self.progress.step)
+                                      "train/grad_norm": record.grad_norm, "train/step_s": record.seconds,
+                                      "train/skipped": float(record.skipped)}, step=self.progress.step)
             if self.progress.step in settings.checkpoint_steps:
                 self.save_checkpoint()
+            if self._any_process(self.stop_flag.requested is not None):
+                self._stop_for_signal()
         bar.close()
         return self.history
 
+    def _guarded_step(self, micro_batches: list[Batch]) -> StepRecord:
+        try:
+            return self.train_step(micro_batches)
+        except torch.OutOfMemoryError as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"out of memory in step {self.progress.step + 1} ({str(exc).splitlines()[0]}). Lower the memory "
+                "a step needs: set run.gradient_checkpointing=true, a lower data.resolution, a smaller "
+                "data.batch_size (with more optim.gradient_accumulation_steps to keep the effective batch), "
+                f"or fewer processes per GPU. The checkpoints in {self.checkpointer.output_dir} are intact; "
+                "--resume continues from the newest."
+            ) from None
+
     def train_step(self, micro_batches: list[Batch]) -> StepRecord:
-        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
+        """One optimizer step over `gradient_accumulation_steps` micro-batches. A non-finite loss or
+        gradient skips the update; too many in a row fail the run."""
         accelerator, step = self.accelerator, self.progress.step
         self.denoiser.train()
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -133,40 +161,96 @@ class Trainer:
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
         loss_value = float(total_loss) / len(micro_batches)  # the one host sync of the step
         grad_value = float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"step {step + 1}: loss={loss_value} grad_norm={grad_value}; the update was skipped, so the LoRA "
-                f"is as it was after step {step}. Lower the learning rate or check the dataset; the newest "
-                f"valid checkpoint in {self.checkpointer.output_dir} can be resumed."
-            )
+        if self._any_process(not (math.isfinite(loss_value) and math.isfinite(grad_value))):
+            return self._skip_update(step, loss_value, grad_value, lr)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.progress.consecutive_nonfinite = 0
         return StepRecord(step=step + 1, loss=loss_value, lr=lr, grad_norm=grad_value)
+
+    def _skip_update(self, step: int, loss_value: float, grad_value: float, lr: float) -> StepRecord:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.consecutive_nonfinite += 1
+        limit = self.settings.max_consecutive_nonfinite
+        if self.progress.consecutive_nonfinite > limit:
+            raise NonFiniteLossError(
+                f"step {step + 1}: loss={loss_value} grad_norm={grad_value}, the "
+                f"{self.progress.consecutive_nonfinite}th non-finite step in a row (optim.max_consecutive_nonfinite="
+                f"{limit}). Lower the learning rate or check the dataset; no update was applied, and the newest "
+                f"valid resume state in {self.checkpointer.output_dir} can be resumed."
+            )
+        log.warning("step %d: loss=%s grad_norm=%s is not finite; update skipped (%d in a row, limit %d)",
+                    step + 1, loss_value, grad_value, self.progress.consecutive_nonfinite, limit)
+        self.lr_scheduler.step()  # a skipped step still counts, so checkpoints stay on schedule
+        return StepRecord(step=step + 1, loss=loss_value, lr=lr, grad_norm=grad_value, skipped=True)
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process if it is true on any: processes must take the same branch."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        votes = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
+        return bool(votes.item() > 0)
+
+    def _stop_for_signal(self) -> None:
+        signum = self.stop_flag.requested or 15
+        if self.progress.step not in self.settings.checkpoint_steps:  # else it was saved a moment ago
+            self.save_resume_state()
+        raise Preempted(
+            f"stopped by signal {signum} after step {self.progress.step}; resume state saved in "
+            f"{self.checkpointer.resume_path_for(self.progress.step)}. Run again with --resume to continue.",
+            signum,
+        )
 
     # ---- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.progress.step, "cursor": self.progress.cursor,
+                "consecutive_nonfinite": self.progress.consecutive_nonfinite,
                 "lr_scheduler": self.lr_scheduler.state_dict(), "identity": self.identity}
 
+    def _lora_state(self) -> dict[str, torch.Tensor]:
+        state = lora_state_dict(self.accelerator.unwrap_model(self.denoiser))
+        bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+        if bad:
+            raise NonFiniteLossError(f"LoRA weights are not finite after step {self.progress.step} "
+                                     f"({bad[:3]}); refusing to save them")
+        return state
+
     def save_checkpoint(self) -> Path:
+        """Publish the LoRA for this step, then the resume state (a crash in between redoes the step)."""
         unwrapped = self.accelerator.unwrap_model(self.denoiser)
-
-        def write(directory: Path) -> None:
-            self.family.save_lora(directory, lora_state_dict(unwrapped), adapter_metadata(unwrapped))
-            (directory / "resume").mkdir()
-            torch.save(self.optimizer.state_dict(), directory / "resume" / "optimizer.pt")
-            (directory / "resume" / "state.json").write_text(json.dumps(self.state_dict(), indent=1))
-
-        path = self.checkpointer.save(self.progress.step, write)
-        self.accelerator.wait_for_everyone()
+        state = self._lora_state()
+        path = self._on_every_process(lambda: self.checkpointer.publish(
+            self.progress.step, lambda directory: self.family.save_lora(directory, state, adapter_metadata(unwrapped))))
+        self.save_resume_state(state)
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore LoRA, optimizer, LR schedule and counters; refuse a checkpoint made for another setup."""
-        state = json.loads((path / "resume" / "state.json").read_text())
+    def save_resume_state(self, lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+        optimizer_bytes = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), optimizer_bytes)
+        files = {
+            "adapter.safetensors": save_safetensors(lora_state if lora_state is not None else self._lora_state()),
+            "optimizer.pt": optimizer_bytes.getvalue(),
+            "state.json": json.dumps(self.state_dict(), indent=1).encode(),
+        }
+        return self._on_every_process(lambda: self.checkpointer.save_resume(self.progress.step, files))
+
+    def _on_every_process(self, write: Callable[[], Path]) -> Path:
+        """Run a checkpoint write (only the main process really writes) and make its failure every
+        process's failure, so that none is left waiting at the next collective."""
+        error: CheckpointWriteError | None = None
+        try:
+            path = write()
+        except CheckpointWriteError as exc:
+            error = exc
+        if self._any_process(error is not None):
+            raise error or CheckpointWriteError("the main process could not write a checkpoint; see its error")
+        return path
+
+    def load_resume_state(self, path: Path) -> None:
+        """Restore LoRA, optimizer, LR schedule and counters; refuse a state made for another setup."""
+        state = json.loads((path / "state.json").read_text())
         saved = state["identity"]
         for key in ("base_fingerprint", "family", "lora"):
             if saved.get(key) != self.identity.get(key):
@@ -179,7 +263,8 @@ class Trainer:
             if saved.get(key) != self.identity.get(key):
                 log.warning("resuming %s with a different %s than it was saved with", path, key)
         unwrapped = self.accelerator.unwrap_model(self.denoiser)
-        load_lora_state(unwrapped, load_file(path / LORA_FILE), self.family.lora_key_prefix)
-        self.optimizer.load_state_dict(torch.load(path / "resume" / "optimizer.pt", weights_only=True))
+        load_lora_state(unwrapped, load_safetensors((path / "adapter.safetensors").read_bytes()))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.progress = Progress(step=state["step"], cursor=state["cursor"])
+        self.progress = Progress(step=state["step"], cursor=state["cursor"],
+                                 consecutive_nonfinite=state.get("consecutive_nonfinite", 0))

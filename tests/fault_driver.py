@@ -1,0 +1,66 @@
+"""Runs one training job (a job.json) in a subprocess with faults injected, for the fault tests.
+
+    python tests/fault_driver.py JOB_JSON [--kill-after-step N] [--kill-at KIND.PHASE:STEP]
+                                          [--sleep-per-step SECONDS] [--drop-scheduler-state]
+
+The job runs through the real CLI (`run-job`), so exit codes are the CLI's. Kills are SIGKILL:
+nothing in the process gets to clean up, as when a cluster node dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from torch.optim.lr_scheduler import LambdaLR
+
+from tailoredgen_train.cli import main
+from tailoredgen_train.engine.checkpoint import Storage
+from tailoredgen_train.engine.trainer import Trainer
+
+
+def kill_self() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(args: argparse.Namespace) -> None:
+    original_step = Trainer.train_step
+
+    def train_step(self, micro_batches):
+        record = original_step(self, micro_batches)
+        print(f"step {record.step} done", flush=True)
+        if args.sleep_per_step:
+            time.sleep(args.sleep_per_step)
+        if record.step == args.kill_after_step:
+            kill_self()  # between steps: after the update, before counters and saves
+        return record
+
+    Trainer.train_step = train_step
+
+    if args.kill_at:
+        phase, step = args.kill_at.rsplit(":", 1)
+
+        def fault(self, at_phase, at_step):
+            if at_phase == phase and at_step == int(step):
+                kill_self()
+
+        Storage.fault = fault
+
+    if args.drop_scheduler_state:
+        LambdaLR.load_state_dict = lambda self, state: None  # the negative control's missing piece
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job_file")
+    parser.add_argument("--kill-after-step", type=int)
+    parser.add_argument("--kill-at")
+    parser.add_argument("--sleep-per-step", type=float, default=0.0)
+    parser.add_argument("--drop-scheduler-state", action="store_true")
+    arguments = parser.parse_args()
+    install(arguments)
+    sys.exit(main(["run-job", arguments.job_file]))
