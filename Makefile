@@ -1,4 +1,5 @@
-# make demo: set up .venv and train the embedded tiny FIBO base on the sample dataset (CPU is fine).
+# make demo: set up .venv and train the embedded tiny FIBO base on the sample dataset (CPU is fine);
+#            make demo VERSION=3.2 / VERSION=2.3 does the same for a legacy family.
 # make test: set up .venv and run the whole test suite (what CI runs through .ci/run).
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,6 +7,21 @@ PY := $(VENV)/bin/python
 # A CPU build is enough for the tiny models; GPU machines install their own torch first.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+
+VERSION ?= fibo
+ifeq ($(filter fibo 3.2 2.3,$(VERSION)),)
+$(error VERSION must be fibo, 3.2 or 2.3, not $(VERSION))
+endif
+ifeq ($(VERSION),fibo)
+FAMILY := fibo
+DEMO_OUT := runs/demo
+DEMO_DATA := --dataset tailoredgen_train/data/sample_dataset
+else
+FAMILY := bria-$(VERSION)
+DEMO_OUT := runs/demo-$(VERSION)
+# legacy captions are plain text that continues the dataset's caption prefix
+DEMO_DATA := --dataset tailoredgen_train/data/sample_dataset_text --caption-prefix "A minimalist flat illustration of"
+endif
 
 .PHONY: setup demo test bench-tiny clean
 
@@ -18,15 +34,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf runs/demo
-	$(PY) -m tailoredgen_train make-tiny-base --family fibo runs/tiny-fibo-base
+	rm -rf $(DEMO_OUT)
+	$(PY) -m tailoredgen_train make-tiny-base --family $(FAMILY) runs/tiny-$(FAMILY)-base
 	$(PY) -m tailoredgen_train train \
-		--base runs/tiny-fibo-base \
-		--dataset tailoredgen_train/data/sample_dataset \
-		--output runs/demo \
-		--training-version fibo --training-mode expert \
+		--base runs/tiny-$(FAMILY)-base \
+		$(DEMO_DATA) \
+		--output $(DEMO_OUT) \
+		--training-version $(VERSION) --training-mode expert \
 		--total-training-steps 200 --checkpoint-interval 100 \
-		--config configs/fibo-tiny.yaml
+		--config configs/$(FAMILY)-tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

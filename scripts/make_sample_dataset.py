@@ -1,9 +1,11 @@
-"""Write the tiny synthetic FIBO dataset shipped in tailoredgen_train/data/sample_dataset/.
+"""Write the tiny synthetic datasets shipped in tailoredgen_train/data/.
 
 Deterministic (numpy + Pillow only, fixed seed): six simple scenes, each a coloured shape on a
-gradient background, with FIBO-style structured JSON captions in metadata.jsonl.
+gradient background. `sample_dataset/` has FIBO-style structured JSON captions; with
+`--captions text`, `sample_dataset_text/` has the same images with plain captions for the legacy
+versions, written to continue the caption prefix "A minimalist flat illustration of".
 
-    python scripts/make_sample_dataset.py [--out DIR]
+    python scripts/make_sample_dataset.py [--captions json|text] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tailoredgen_train" / "data" / "sample_dataset"
+DATA_DIR = Path(__file__).resolve().parent.parent / "tailoredgen_train" / "data"
+TEXT_CAPTION_PREFIX = "A minimalist flat illustration of"
 SEED = 20240611
 RGB = tuple[int, int, int]
 
@@ -99,6 +102,12 @@ def caption(scene: Scene, location: str, relative_size: str) -> dict[str, Any]:
     }
 
 
+def text_caption(scene: Scene, location: str) -> str:
+    """A plain caption that continues TEXT_CAPTION_PREFIX (Bria's legacy captions continue the prefix)."""
+    return (f"a {scene.colour} {scene.shape} at the {location} of a smooth {scene.bg_start} to {scene.bg_end} "
+            "gradient background")
+
+
 def render(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, dict[str, Any]]:
     """The scene's image and its structured caption."""
     img = gradient(scene.size, scene.bg_start_rgb, scene.bg_end_rgb, scene.axis)
@@ -111,30 +120,36 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, dict[st
     else:
         x0, y0, x1, y1 = box
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=scene.rgb)
-    return img, caption(scene, location, relative_size)
+    return img, {"structured": caption(scene, location, relative_size), "text": text_caption(scene, location)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic FIBO sample dataset.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    out: Path = parser.parse_args().out
+    parser = argparse.ArgumentParser(description="Write a synthetic sample dataset.")
+    parser.add_argument("--captions", choices=("json", "text"), default="json")
+    parser.add_argument("--out", type=Path, help="output folder (default tailoredgen_train/data/sample_dataset[_text])")
+    args = parser.parse_args()
+    out: Path = args.out or DATA_DIR / ("sample_dataset" if args.captions == "json" else "sample_dataset_text")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
     lines = []
     for scene in SCENES:
-        img, structured = render(scene, rng)
+        img, captions = render(scene, rng)
         if scene.file_name.endswith(".png"):
             img.save(out / scene.file_name, optimize=True)
         else:
             img.save(out / scene.file_name, quality=85)
-        text = json.dumps(structured, separators=(",", ":"))  # compact, as preflight normalises it
+        # compact JSON, as preflight normalises it
+        text = json.dumps(captions["structured"], separators=(",", ":")) if args.captions == "json" else captions["text"]
         lines.append(json.dumps({"file_name": scene.file_name, "caption": text}))
     (out / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    kind = ("FIBO-style structured JSON captions" if args.captions == "json" else
+            f"plain captions that continue the caption prefix \"{TEXT_CAPTION_PREFIX}\" (legacy versions)")
     (out / "README.md").write_text(
         "# Sample dataset\n\n"
-        "Six small synthetic images (a coloured circle, square or triangle on a gradient) with FIBO-style\n"
-        "structured JSON captions in `metadata.jsonl`, for smoke tests and examples.\n"
-        "Generated deterministically by `scripts/make_sample_dataset.py`; rerun it instead of editing by hand.\n",
+        f"Six small synthetic images (a coloured circle, square or triangle on a gradient) with {kind}\n"
+        "in `metadata.jsonl`, for smoke tests and examples.\n"
+        f"Generated deterministically by `scripts/make_sample_dataset.py --captions {args.captions}`; rerun it "
+        "instead of editing by hand.\n",
         encoding="utf-8",
     )
 

@@ -112,6 +112,8 @@ class RunConfig:
     """Print the sample ids each process trains on (for checking data sharding)."""
     cache_dir: str | None = None
     """Where cached latents/text features go; null means OUTPUT/cache."""
+    stop_after_steps: int | None = None
+    """Smoke runs: stop after this many steps (resume state saved, --resume continues); null = the full run."""
 
     def __post_init__(self) -> None:
         _require(self.mixed_precision in ("auto", "no", "bf16"), "run.mixed_precision", self.mixed_precision,
@@ -119,6 +121,8 @@ class RunConfig:
         _require(self.log_every >= 1, "run.log_every", self.log_every, "use 1 or more")
         _require(self.log_with in ("tensorboard", "none"), "run.log_with", self.log_with, "use tensorboard or none")
         _require(isinstance(self.seed, int) and self.seed >= 0, "run.seed", self.seed, "use a non-negative integer")
+        _require(self.stop_after_steps is None or self.stop_after_steps >= 1, "run.stop_after_steps",
+                 self.stop_after_steps, "use 1 or more, or null for the full run")
 
 
 @dataclass(kw_only=True)

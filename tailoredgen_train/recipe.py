@@ -137,7 +137,8 @@ def _cache_features(family, model, samples, buckets, config: EngineConfig, outpu
     namespace = f"{family.name}:{model.fingerprint}:{options}"
     cache = FeatureCache(cache_dir, namespace=namespace)
     items = [cache.item(s, nearest_bucket(s.width, s.height, buckets)) for s in samples]
-    encoded = fill_cache(cache, items, lambda pixels, caption: family.encode_sample(model, pixels, caption),
+    encoded = fill_cache(cache, items, lambda pixels, caption, geometry: family.encode_sample(model, pixels, caption,
+                                                                                               geometry),
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          max_pixels=config.data.max_pixels)
     accelerator.wait_for_everyone()
@@ -162,6 +163,7 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
     config, params = job.engine, job.params
     version_map = load_version_map(job.version_map)
     family = family_for_version(job.training_version, config.model, version_map)
+    family.check_base(job.base)  # a wrong or missing base is refused before any work starts
     if job.caption_prefix and family.caption_format == "json":
         raise IncompatibleDatasetError(
             f"a caption_prefix ({job.caption_prefix!r}) is for legacy text captions; {family.name} captions are "
@@ -226,7 +228,7 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
             total_steps=params.total_training_steps, checkpoint_steps=params.checkpoint_steps(),
             gradient_accumulation_steps=optim.gradient_accumulation_steps, max_grad_norm=optim.max_grad_norm,
             seed=config.run.seed, log_every=config.run.log_every, log_samples=config.run.log_samples,
-            max_consecutive_nonfinite=optim.max_consecutive_nonfinite,
+            max_consecutive_nonfinite=optim.max_consecutive_nonfinite, stop_after_steps=config.run.stop_after_steps,
         ),
         stop_flag=stop_flag,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tailoredgen_train.families import family_class
 from tailoredgen_train.families.fibo import FiboFamily
 
 
@@ -16,6 +17,16 @@ def tiny_fibo_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-fibo-base")
     FiboFamily().make_tiny_base(out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def legacy_bases(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Bria 3.2 and Bria 2.3 (SDXL) bases, by family name."""
+    bases = {}
+    for name in ("bria-3.2", "bria-2.3"):
+        bases[name] = tmp_path_factory.mktemp(f"tiny-{name}")
+        family_class(name)().make_tiny_base(bases[name], seed=0)
+    return bases
 
 
 @pytest.fixture(autouse=True)

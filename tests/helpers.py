@@ -28,12 +28,12 @@ def params(steps: int, *, lr: float = 1e-3, rank: int = 8, interval: int | None 
                               checkpoint_interval=interval or steps, lr_warmup_steps=None)
 
 
-def subset_dataset(dest: Path, count: int) -> Path:
-    """The first `count` images of the sample dataset, copied (tests never write into the package)."""
+def subset_dataset(dest: Path, count: int, source: Path = SAMPLE_DATASET_DIR) -> Path:
+    """The first `count` images of a sample dataset, copied (tests never write into the package)."""
     dest.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in (SAMPLE_DATASET_DIR / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines() if line.strip()]
     for row in rows[:count]:
-        shutil.copy(SAMPLE_DATASET_DIR / row["file_name"], dest / row["file_name"])
+        shutil.copy(source / row["file_name"], dest / row["file_name"])
     (dest / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:count]))
     return dest
 

@@ -59,10 +59,11 @@ def test_unknown_training_version(capsys, tmp_path):
     assert code == EXIT_USER_ERROR and "[unknown_training_version]" in err and "bria-3.2" in err
 
 
-def test_a_legacy_version_without_its_family_says_so(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "train", "--base", "x", "--dataset", "y", "--output", str(tmp_path),
-                           "--training-version", "bria-3.2")
-    assert code == EXIT_USER_ERROR and "bria-3.2" in err and "does not include" in err
+def test_a_base_of_another_family_is_refused(capsys, tiny_fibo_base, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--base", str(tiny_fibo_base), "--dataset", "y", "--output",
+                           str(tmp_path / "out"), "--training-version", "bria-3.2")
+    assert code != 0 and "[base_model_invalid]" in err and "BriaFiboPipeline" in err and "BriaPipeline" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_engine_override_names_the_key(capsys, tiny_fibo_base, tmp_path):

@@ -10,10 +10,11 @@ import yaml
 
 from tailoredgen_train.config import DataConfig, EngineConfig, load_engine_config
 from tailoredgen_train.errors import ConfigError
-from tailoredgen_train.families import family_for_version, load_version_map
+from tailoredgen_train.families import FAMILIES, family_class, family_for_version, load_version_map
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# engine configs are named after their family: fibo.yaml, bria-3.2-tiny.yaml, ...
+SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "versions.yaml")
 FIBO_TINY = REPO / "configs" / "fibo-tiny.yaml"
 
 
@@ -24,17 +25,22 @@ def _write(tmp_path: Path, raw, name: str = "cfg.yaml") -> Path:
 
 
 def test_there_are_shipped_configs():
-    assert len(SHIPPED_CONFIGS) >= 2
+    assert {p.name for p in SHIPPED_CONFIGS} >= {f"{f}{s}.yaml" for f in FAMILIES for s in ("", "-tiny")}
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_fibo_accepts_its_model_section(path):
+def test_every_shipped_config_loads_and_its_family_accepts_its_model_section(path):
     cfg = load_engine_config(path)
     assert isinstance(cfg, EngineConfig)
-    family = family_for_version("fibo", cfg.model)
-    assert family.name == "fibo"
+    family_name = path.stem.removesuffix("-tiny")
+    family = family_class(family_name)(cfg.model)
     for key, value in cfg.model.items():
         assert getattr(family.options, key) == value
+    # and no other family takes it silently when it has family-specific keys
+    for other in set(FAMILIES) - {family_name}:
+        if set(cfg.model) - set(family_class(other).options_cls.__dataclass_fields__):
+            with pytest.raises(ConfigError):
+                family_class(other)(cfg.model)
 
 
 def test_defaults_load_without_a_file():

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from tailoredgen_train.data.buckets import (
     FIBO_BUCKETS_1024,
+    CropGeometry,
+    crop_geometry,
     nearest_bucket,
     resize_and_center_crop,
     scale_buckets,
@@ -17,11 +19,18 @@ from tailoredgen_train.data.sampler import BucketBatchSampler
 
 # A tiny FIBO-captioned dataset shipped with the package, for smoke tests and examples.
 SAMPLE_DATASET_DIR = Path(__file__).resolve().parent / "sample_dataset"
+# The same images with plain captions for the legacy versions; they continue this caption prefix.
+SAMPLE_TEXT_DATASET_DIR = Path(__file__).resolve().parent / "sample_dataset_text"
+SAMPLE_TEXT_CAPTION_PREFIX = "A minimalist flat illustration of"
 
 __all__ = [
     "FIBO_BUCKETS_1024",
+    "CropGeometry",
+    "crop_geometry",
     "IMAGE_EXTENSIONS",
     "SAMPLE_DATASET_DIR",
+    "SAMPLE_TEXT_CAPTION_PREFIX",
+    "SAMPLE_TEXT_DATASET_DIR",
     "BucketBatchSampler",
     "ImageProblem",
     "MetadataRow",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,17 +55,34 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket
     return min(buckets, key=lambda b: abs(target - math.log(b[0] / b[1])))
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """How an image of `original_size` becomes a bucket: resized to `resized_size`, then cropped at
+    `crop_top_left`. Sizes are (height, width), coordinates (top, left), as SDXL's add_time_ids use them."""
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
+def crop_geometry(width: int, height: int, size: Bucket) -> CropGeometry:
+    """Scale so the image covers `size` (width, height), centred crop box of exactly that size."""
+    target_w, target_h = size
+    scale = max(target_w / width, target_h / height)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    return CropGeometry((height, width), (new_h, new_w), ((new_h - target_h) // 2, (new_w - target_w) // 2),
+                        (target_h, target_w))
+
+
 def resize_and_center_crop(img: Image.Image, size: Bucket) -> Image.Image:
     """Resize so the image covers `size` (width, height), then centre-crop to exactly that size."""
-    target_w, target_h = size
-    w, h = img.size
-    if (w, h) == (target_w, target_h):
+    if img.size == tuple(size):
         return img
-    scale = max(target_w / w, target_h / h)
-    new_w, new_h = max(target_w, round(w * scale)), max(target_h, round(h * scale))
+    geometry = crop_geometry(img.size[0], img.size[1], size)
+    (new_h, new_w), (top, left), (target_h, target_w) = geometry.resized_size, geometry.crop_top_left, geometry.target_size
     # LANCZOS: training images are mostly downscaled, where it aliases least and keeps detail.
     resized = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
     return resized.crop((left, top, left + target_w, top + target_h))
 
 

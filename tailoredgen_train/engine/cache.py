@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data import Sample, load_rgb, resize_and_center_crop, to_tensor
+from ..data import CropGeometry, Sample, crop_geometry, load_rgb, resize_and_center_crop, to_tensor
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -62,7 +62,7 @@ class FeatureCache:
 def fill_cache(
     cache: FeatureCache,
     items: list[CacheItem],
-    encode: Callable[[torch.Tensor, str], dict[str, torch.Tensor]],
+    encode: Callable[[torch.Tensor, str, CropGeometry], dict[str, torch.Tensor]],
     *,
     rank: int,
     world_size: int,
@@ -74,8 +74,10 @@ def fill_cache(
     for index, item in enumerate(items):
         if index % world_size != rank or cache.has(item):
             continue
-        image = resize_and_center_crop(load_rgb(item.sample.image_path, max_pixels=max_pixels), item.bucket)
-        cache.store(item, encode(to_tensor(image).unsqueeze(0), item.sample.caption))
+        original = load_rgb(item.sample.image_path, max_pixels=max_pixels)
+        geometry = crop_geometry(original.size[0], original.size[1], item.bucket)
+        image = resize_and_center_crop(original, item.bucket)
+        cache.store(item, encode(to_tensor(image).unsqueeze(0), item.sample.caption, geometry))
         encoded += 1
     return encoded
 

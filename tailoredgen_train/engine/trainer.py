@@ -59,6 +59,7 @@ class TrainerSettings:
     log_every: int
     max_consecutive_nonfinite: int = 3
     log_samples: bool = False
+    stop_after_steps: int | None = None
 
 
 @dataclass
@@ -116,6 +117,11 @@ class Trainer:
                 self.save_checkpoint()
             if self._any_process(self.stop_flag.requested is not None):
                 self._stop_for_signal()
+            if settings.stop_after_steps and self.progress.step >= settings.stop_after_steps:
+                if self.progress.step not in settings.checkpoint_steps:
+                    self.save_resume_state()
+                log.warning("stopping after step %d (run.stop_after_steps); --resume continues", self.progress.step)
+                break
         bar.close()
         return self.history
 

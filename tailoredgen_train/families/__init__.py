@@ -1,7 +1,7 @@
 """Model families behind a registry: a training_version names a family, a family is one module.
 
-`configs/families.yaml` maps every training_version to a family (so that a deployment can point
-the `max` and `light` aliases elsewhere without touching code).
+`configs/versions.yaml` maps every training_version to a family, so that a deployment can point
+the `max` and `light` aliases elsewhere (`--version-map FILE`) without touching code.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from .base import LoadedModel, ModelFamily
 # until it is used.
 FAMILIES: dict[str, str] = {
     "fibo": "tailoredgen_train.families.fibo:FiboFamily",
+    "bria-3.2": "tailoredgen_train.families.bria32:Bria32Family",
+    "bria-2.3": "tailoredgen_train.families.sdxl:Sdxl23Family",
 }
 
-_PACKAGED_VERSION_MAP = Path(__file__).with_name("versions.yaml")
+DEFAULT_VERSION_MAP = Path(__file__).resolve().parents[2] / "configs" / "versions.yaml"
 
 
 def family_class(name: str) -> type[ModelFamily]:
@@ -34,12 +36,13 @@ def family_class(name: str) -> type[ModelFamily]:
 
 
 def load_version_map(path: str | Path | None = None) -> dict[str, str]:
-    """training_version -> family name, from the packaged map or a deployment's own file."""
-    source = Path(path) if path else _PACKAGED_VERSION_MAP
+    """training_version -> family name, from configs/versions.yaml or a deployment's own file."""
+    source = Path(path) if path else DEFAULT_VERSION_MAP
     try:
         raw = yaml.safe_load(source.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"version map {source} does not exist") from None
+        raise ConfigError(f"version map {source} does not exist; pass --version-map FILE "
+                          "(see configs/versions.yaml for the format)") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("versions"), dict):
         raise ConfigError(f"version map {source} must have a 'versions' mapping of training_version: family")
     return {canonical_version(v): str(f) for v, f in raw["versions"].items()}

@@ -8,14 +8,17 @@ trainer, the cache and `start_training` only talk to this interface.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
 
+from ..data import CropGeometry
 from ..errors import BaseModelError, ConfigError
 
 
@@ -48,22 +51,6 @@ class FamilyOptions:
         return cls(**raw)
 
 
-def check_base_directory(base: str, components: tuple[str, ...], family: str, hub_id: str) -> None:
-    """Fail early, with the fix, when `base` is meant as a local folder but is not a usable one.
-    Anything that looks like a path (absolute, ./, ~, or existing) is a folder; else a hub id."""
-    path = Path(base).expanduser()
-    if not (path.is_absolute() or base.startswith((".", "~")) or path.exists()):
-        return
-    fix = (f"Pass a directory saved by the family's pipeline (save_pretrained), the hub id {hub_id}, or build "
-           f"a tiny one with: tailoredgen-train make-tiny-base --family {family} DIR")
-    if not path.is_dir():
-        raise BaseModelError(f"base model directory {base} does not exist. {fix}")
-    missing = [c for c in components if not (path / c).is_dir()]
-    if missing:
-        raise BaseModelError(f"base model {base} is not a diffusers-format {family} directory: missing "
-                             f"{', '.join(m + '/' for m in missing)}. {fix}")
-
-
 class ModelFamily(ABC):
     """Everything model-specific. Subclasses set the class attributes and implement the methods."""
 
@@ -77,17 +64,60 @@ class ModelFamily(ABC):
     lora_key_prefix: ClassVar[str]
     """Component prefix of the LoRA keys the family's pipeline loader expects."""
     options_cls: ClassVar[type[FamilyOptions]] = FamilyOptions
+    pipeline_class_name: ClassVar[str]
+    """The diffusers pipeline a base of this family is saved with (model_index.json `_class_name`)."""
+    base_components: ClassVar[tuple[str, ...]]
+    """Subfolders a diffusers-format base of this family has."""
+    hub_id: ClassVar[str]
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = self.options_cls.from_mapping(dict(options or {}), self.name)
+
+    def check_base(self, base: str) -> None:
+        """Fail early, with the fix, when `base` is meant as a local folder but is not this family's.
+        Anything that looks like a path (absolute, ./, ~, or existing) is a folder; else a hub id."""
+        path = Path(base).expanduser()
+        if not (path.is_absolute() or base.startswith((".", "~")) or path.exists()):
+            return
+        fix = (f"Pass a directory saved by {self.pipeline_class_name}.save_pretrained, the hub id {self.hub_id}, "
+               f"or build a tiny one with: tailoredgen-train make-tiny-base --family {self.name} DIR")
+        if not path.is_dir():
+            raise BaseModelError(f"base model directory {base} does not exist. {fix}")
+        try:
+            found = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        except (OSError, ValueError):
+            found = None
+        if found != self.pipeline_class_name:
+            raise BaseModelError(
+                f"base model {base} is {'a ' + found if found else 'not a diffusers pipeline'} directory, but "
+                f"family {self.name} trains {self.pipeline_class_name} models; check --base and --training-version. "
+                f"{fix}"
+            )
+        missing = [c for c in self.base_components if not (path / c).is_dir()]
+        if missing:
+            raise BaseModelError(f"base model {base} is missing {', '.join(m + '/' for m in missing)}. {fix}")
+
+    @contextmanager
+    def loading_errors(self, base: str) -> Iterator[None]:
+        """Turn the loaders' errors into one that says what to pass instead."""
+        try:
+            yield
+        except (OSError, ValueError) as exc:
+            raise BaseModelError(
+                f"could not load the {self.name} base model from {base!r}: {exc}. Pass a local diffusers-format "
+                f"directory ({', '.join(c + '/' for c in self.base_components)}) or a hub id this machine can reach."
+            ) from None
 
     @abstractmethod
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         """Load the diffusers-format directory (or hub id) `base`."""
 
     @abstractmethod
-    def encode_sample(self, model: LoadedModel, pixels: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
-        """One sample's cached features, on CPU. `pixels` is (1, 3, H, W) in [-1, 1]."""
+    def encode_sample(
+        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry
+    ) -> dict[str, torch.Tensor]:
+        """One sample's cached features, on CPU. `pixels` is (1, 3, H, W) in [-1, 1]; `geometry` says
+        how the original image was resized and cropped into it (SDXL conditions on it)."""
 
     @abstractmethod
     def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -22,9 +22,9 @@ from diffusers import AutoencoderKLWan, BriaFiboPipeline, BriaFiboTransformer2DM
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..data.buckets import FIBO_BUCKETS_1024
-from ..errors import BaseModelError, ConfigError
-from .base import FamilyOptions, LoadedModel, ModelFamily, check_base_directory
+from ..data.buckets import FIBO_BUCKETS_1024, CropGeometry
+from ..errors import ConfigError
+from .base import FamilyOptions, LoadedModel, ModelFamily
 from .tiny_tokenizer import build_byte_tokenizer
 
 # Bria's FIBO LoRA targets (Bria-AI/FIBO src/fine_tuning/fine_tune_utils.py::add_lora); suffix
@@ -93,24 +93,21 @@ class FiboFamily(ModelFamily):
     default_lora_targets = FIBO_LORA_TARGETS
     lora_key_prefix = "transformer"
     options_cls = FiboOptions
+    pipeline_class_name = "BriaFiboPipeline"
+    base_components = COMPONENTS
+    hub_id = "briaai/FIBO"
 
     # ---- loading ------------------------------------------------------------------------------
 
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
-        check_base_directory(base, COMPONENTS, self.name, hub_id="briaai/FIBO")
-        try:
+        self.check_base(base)
+        with self.loading_errors(base):
             transformer = BriaFiboTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype)
             # the VAE stays fp32 as in Bria's recipe: latents are cached once, so its cost is paid once
             vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
             text_encoder = AutoModelForCausalLM.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
             tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-        except (OSError, ValueError) as exc:
-            raise BaseModelError(
-                f"could not load the FIBO base model from {base!r}: {exc}. Pass a local diffusers-format "
-                "directory (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id this "
-                "machine can reach."
-            ) from None
         transformer.to(device)
         vae.to(device).eval().requires_grad_(False)
         text_encoder.to(device).eval().requires_grad_(False)
@@ -129,7 +126,9 @@ class FiboFamily(ModelFamily):
     # ---- features -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_sample(self, model: LoadedModel, pixels: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
+    def encode_sample(
+        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
+    ) -> dict[str, torch.Tensor]:
         vae = model.encoders["vae"]
         device = vae.device
         latents = vae.encode(pixels.to(device, torch.float32).unsqueeze(2)).latent_dist.mean[:, :, 0]

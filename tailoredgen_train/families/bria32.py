@@ -1,0 +1,178 @@
+"""Bria 3.2 (and BRIA-4B-Adapt, the `max` alias by default): BriaTransformer2DModel + T5-XXL +
+a 4-channel AutoencoderKL, flow matching on 2x2-packed latents.
+
+Facts this module relies on (shared/reference/models.md section 1.2, 4.2):
+- prompts go through `BriaPipeline.encode_prompt`: each prompt is encoded alone, without padding,
+  then zero-padded to max_sequence_length (128); no attention mask, txt_ids are zeros;
+- latents: (z - shift_factor) * scaling_factor with shift_factor None -> 0, scaling 0.13025; the
+  VAE stays fp32 as BriaPipeline keeps it; z is sampled from the cached latent distribution each step;
+- 2x2 packing (`BriaPipeline._pack_latents`) and img_ids on the packed grid;
+- sigma from a static shift-4 flow schedule (Bria's LoRA recipe): a uniform index into the
+  1000 shifted training sigmas; the transformer gets sigma*1000; the target is noise - x0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, BriaPipeline, BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers.loaders import FluxLoraLoaderMixin
+from torch import nn
+from transformers import AutoTokenizer, T5EncoderModel
+
+from ..data.buckets import CropGeometry
+from ..errors import ConfigError
+from .base import FamilyOptions, LoadedModel, ModelFamily
+from .fibo import FIBO_LORA_TARGETS
+
+# Bria's 3.x LoRA recipe (Efrat-Taig/training-lora-advanced): the attention and feed-forward
+# suffixes of FIBO's list, without the AdaLN and output layers.
+BRIA32_LORA_TARGETS = FIBO_LORA_TARGETS[:12]
+# BRIA-3.2's README resolutions (W, H) and their transposes, ~1 MP.
+_README_BUCKETS = ((1024, 1024), (1280, 768), (1344, 768), (832, 1216), (1152, 832), (1216, 832), (960, 1088))
+BRIA32_BUCKETS_1024 = tuple(dict.fromkeys(_README_BUCKETS + tuple((h, w) for w, h in _README_BUCKETS)))
+
+
+@dataclass(frozen=True)
+class Bria32Options(FamilyOptions):
+    max_sequence_length: int = 128
+    """T5 tokens per caption; shorter embeddings are zero-padded to this length (BriaPipeline's max is 512)."""
+    shift: float = 4.0
+    """Static shift of the training sigma schedule (Bria's recipes use 4)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ConfigError(f"model.max_sequence_length={self.max_sequence_length}: use 1..512 (BriaPipeline's limit)")
+        if not self.shift > 0:
+            raise ConfigError(f"model.shift={self.shift}: use a positive shift (4 in Bria's recipes)")
+
+
+class Bria32Family(ModelFamily):
+    name = "bria-3.2"
+    caption_format = "text"
+    bucket_base = BRIA32_BUCKETS_1024
+    bucket_multiple = 16  # 8x VAE x 2x2 packing
+    default_lora_targets = BRIA32_LORA_TARGETS
+    lora_key_prefix = "transformer"
+    options_cls = Bria32Options
+    pipeline_class_name = "BriaPipeline"
+    base_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    hub_id = "briaai/BRIA-3.2"
+
+    def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
+        self.check_base(base)
+        with self.loading_errors(base):
+            transformer = BriaTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype)
+            vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+            # transformers keeps T5's `wo` layers in fp32 under bf16 (_keep_in_fp32_modules), as the pipeline needs
+            text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+        transformer.to(device)
+        vae.to(device).eval().requires_grad_(False)
+        text_encoder.to(device).eval().requires_grad_(False)
+        # the pipeline's own prompt encoder; its __init__ also treats a None shift_factor as 0
+        pipe = BriaPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                            tokenizer=tokenizer)
+        training_schedule = FlowMatchEulerDiscreteScheduler.from_config(
+            scheduler.config, shift=self.options.shift, use_dynamic_shifting=False)
+        self.sigmas = training_schedule.sigmas.to(torch.float32)
+        config_text = json.dumps([base, dict(transformer.config), dict(vae.config), text_encoder.config.to_dict()],
+                                 sort_keys=True, default=str)
+        return LoadedModel(
+            denoiser=transformer,
+            encoders={"pipe": pipe, "vae": vae},
+            scheduler=scheduler,
+            fingerprint=hashlib.sha256(config_text.encode()).hexdigest()[:16],
+        )
+
+    @torch.no_grad()
+    def encode_sample(
+        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
+    ) -> dict[str, torch.Tensor]:
+        vae, pipe = model.encoders["vae"], model.encoders["pipe"]
+        device = vae.device
+        dist = vae.encode(pixels.to(device, torch.float32)).latent_dist
+        shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+        prompt_embeds, _, _ = pipe.encode_prompt(prompt=[caption], device=device, do_classifier_free_guidance=False,
+                                                 max_sequence_length=self.options.max_sequence_length)
+        # the distribution, normalised: a fresh latent is drawn from it every step
+        return {
+            "latent_mean": ((dist.mean[0] - shift) * scale).cpu(),
+            "latent_std": (dist.std[0] * scale).cpu(),
+            "prompt_embeds": prompt_embeds[0].cpu(),
+        }
+
+    def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        # every caption is already zero-padded to max_sequence_length
+        return {key: torch.stack([e[key] for e in entries]) for key in ("latent_mean", "latent_std", "prompt_embeds")}
+
+    def compute_loss(self, denoiser: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        b, c, h, w = mean.shape
+        device, dtype = mean.device, batch["prompt_embeds"].dtype
+        x0 = mean + std * torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        index = torch.randint(0, len(self.sigmas), (b,), generator=generator, device=device)
+        sigmas = self.sigmas.to(device)[index]
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        s = sigmas.view(b, 1, 1, 1)
+        noisy = s * noise + (1 - s) * x0
+
+        packed = BriaPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = BriaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)[0]
+        txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
+        pred = denoiser(
+            hidden_states=packed.to(dtype),
+            timestep=sigmas * 1000,  # the scheduler's timestep for that sigma
+            encoder_hidden_states=batch["prompt_embeds"],
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        target = BriaPipeline._pack_latents(noise - x0, b, c, h, w)
+        return F.mse_loss(pred.float(), target.float())
+
+    def save_lora(self, directory: Path, lora_state: dict[str, torch.Tensor], adapter_metadata: dict) -> None:
+        # BriaPipeline has no LoRA mixin; Flux's saver writes the `transformer.` keys that
+        # pipe.transformer.load_lora_adapter(dir, prefix="transformer") reads
+        FluxLoraLoaderMixin.save_lora_weights(
+            directory, transformer_lora_layers=lora_state, transformer_lora_adapter_metadata=adapter_metadata,
+            weight_name="pytorch_lora_weights.safetensors",
+        )
+
+    def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
+        from transformers import T5Config, T5Tokenizer
+
+        torch.manual_seed(seed)
+        # a character-level Unigram vocabulary: every printable ASCII character is a piece
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+        pieces += [(ch, -3.0) for ch in string.printable if not ch.isspace()]
+        tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+        text_encoder = T5EncoderModel(T5Config(
+            vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        ))
+        transformer = BriaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=8, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4],
+        )
+        # four blocks: the real 8x downsampling, so BriaPipeline's vae_scale_factor (16) holds
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.13025, shift_factor=None,
+            force_upcast=False,
+        )
+        # BRIA-3.2's scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+        )
+        BriaPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                     tokenizer=tokenizer).save_pretrained(out_dir)
