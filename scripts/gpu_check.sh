@@ -39,4 +39,34 @@ print("cudnn_sdp_enabled_in_process_default", torch.backends.cuda.cudnn_sdp_enab
 PY
 python3 scripts/bench.py --base "$out/base" --steps 40 2>/dev/null | tail -1
 python3 scripts/bench.py --base "$out/base" --steps 40 --set data.batch_size=4 2>/dev/null | tail -1
+# the legacy families in bf16: T5 keeps its wo layers fp32, the VAEs stay fp32
+for family in bria-3.2 bria-2.3; do
+  version=${family#bria-}
+  python3 -m tailoredgen_train make-tiny-base --family "$family" "$out/base-$family"
+  python3 -m tailoredgen_train train --base "$out/base-$family" --dataset tailoredgen_train/data/sample_dataset_text \
+      --caption-prefix "A minimalist flat illustration of" --output "$out/demo-$version" --training-version "$version" \
+      --training-mode expert --total-training-steps 100 --checkpoint-interval 100 \
+      --config "configs/$family-tiny.yaml" 2>&1 | grep -E "processes:|resolved|checkpoint-100"
+done
+python3 - "$out" <<'PY'
+import sys, json, torch
+from diffusers import BriaPipeline, StableDiffusionXLPipeline
+out, prompt = sys.argv[1], "A minimalist flat illustration of a red circle"
+def run(pipe):
+    return pipe(prompt, height=128, width=128, num_inference_steps=4, output_type="pt",
+                generator=torch.Generator("cuda").manual_seed(0)).images.float()
+pipe = BriaPipeline.from_pretrained(f"{out}/base-bria-3.2", torch_dtype=torch.bfloat16).to("cuda")
+print("bria-3.2 T5 wo dtype:", pipe.text_encoder.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype)
+base = run(pipe)
+pipe.transformer.load_lora_adapter(f"{out}/demo-3.2/checkpoint-100", prefix="transformer",
+                                   weight_name="pytorch_lora_weights.safetensors")
+lora = run(pipe)
+sdxl = StableDiffusionXLPipeline.from_pretrained(f"{out}/base-bria-2.3", torch_dtype=torch.bfloat16).to("cuda")
+sdxl_base = run(sdxl)
+sdxl.load_lora_weights(f"{out}/demo-2.3/checkpoint-100")
+sdxl_lora = run(sdxl)
+report = {"bria-3.2": (lora - base).abs().max().item(), "bria-2.3": (sdxl_lora - sdxl_base).abs().max().item()}
+print(json.dumps({"lora_changes_output_max_abs": report}))
+assert all(v > 1e-3 for v in report.values()) and torch.isfinite(lora).all() and torch.isfinite(sdxl_lora).all()
+PY
 echo GPU_CHECK_OK
