@@ -270,3 +270,15 @@ def test_a_base_of_the_wrong_family_is_refused_before_any_work(version, base_fam
     with pytest.raises(BaseModelError, match="check --base and --training-version"):
         run_training(job)
     assert not (tmp_path / "out").exists()
+
+
+def test_t5_keeps_its_last_projections_in_fp32_under_bf16(legacy_bases):
+    family = family_class("bria-3.2")()
+    model = family.load(str(legacy_bases["bria-3.2"]), device=torch.device("cpu"), weight_dtype=torch.bfloat16)
+    encoder = model.encoders["pipe"].text_encoder
+    for block in encoder.encoder.block:
+        assert block.layer[-1].DenseReluDense.wo.weight.dtype == torch.float32
+        assert block.layer[-1].DenseReluDense.wi_0.weight.dtype == torch.bfloat16
+    assert model.denoiser.dtype == torch.bfloat16
+    entry = family.encode_sample(model, pixels(), CAPTION, SQUARE)
+    assert torch.isfinite(entry["prompt_embeds"].float()).all()

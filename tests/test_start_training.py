@@ -82,12 +82,25 @@ def test_preconditions_in_the_documented_order(tmp_path, kwargs, request_body, e
     assert launcher.jobs == [] and model.status == kwargs.get("model_status", "Created")
 
 
-def test_a_legacy_version_without_a_family_fails_before_launching(tmp_path):
-    model, dataset = records(tmp_path, model_version="bria-3.2", dataset_version="3.2", prefix="a drawing of")
+def test_a_legacy_model_carries_the_caption_prefix(tmp_path):
+    model, dataset = records(tmp_path, model_version="bria-3.2", dataset_version="max", prefix="a drawing of")
     launcher = RecordingLauncher()
-    with pytest.raises(UnknownTrainingVersionError, match="does not include"):
-        start_training(model, dataset, None, base="b", output_dir=tmp_path, launcher=launcher)
-    assert launcher.jobs == []
+    response = start_training(model, dataset, None, base="b", output_dir=tmp_path, launcher=launcher)
+    assert response.generation_prefix == "a drawing of"
+    assert response.training_parameters.lr_scheduler == "constant" and response.training_parameters.lr_warmup_steps is None
+    [job] = launcher.jobs
+    assert job.caption_prefix == "a drawing of" and job.params.total_training_steps == 1500
+
+
+def test_a_version_mapped_to_a_missing_family_fails_before_launching(tmp_path):
+    version_map = tmp_path / "versions.yaml"
+    version_map.write_text("versions:\n  fibo: fibo\n  max: bria-4b-adapt\n")
+    model, dataset = records(tmp_path, model_version="max", dataset_version="max", prefix="x")
+    launcher = RecordingLauncher()
+    with pytest.raises(UnknownTrainingVersionError, match="bria-4b-adapt"):
+        start_training(model, dataset, None, base="b", output_dir=tmp_path, launcher=launcher,
+                       version_map=str(version_map))
+    assert launcher.jobs == [] and model.status == "Created"
 
 
 @pytest.mark.slow

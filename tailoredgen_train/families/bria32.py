@@ -70,10 +70,13 @@ class Bria32Family(ModelFamily):
         with self.loading_errors(base):
             transformer = BriaTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype)
             vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
-            # transformers keeps T5's `wo` layers in fp32 under bf16 (_keep_in_fp32_modules), as the pipeline needs
             text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
             tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
+        # T5 overflows in half precision unless each block's last projection stays fp32 (BriaPipeline's
+        # docstring); T5's feed-forward casts its input to wo's dtype, so the mix just works
+        for block in text_encoder.encoder.block:
+            block.layer[-1].DenseReluDense.wo.to(torch.float32)
         transformer.to(device)
         vae.to(device).eval().requires_grad_(False)
         text_encoder.to(device).eval().requires_grad_(False)
