@@ -29,7 +29,7 @@ from .engine.preemption import StopFlag
 from .engine.lora import add_lora, lora_signature, trainable_parameters
 from .engine.schedule import build_lr_scheduler
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
-from .errors import IncompatibleDatasetError, ResumeError
+from .errors import IncompatibleDatasetError, Preempted, ResumeError
 from .families import family_for_version, load_version_map
 
 log = logging.getLogger(__name__)
@@ -247,12 +247,31 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
     accelerator.print(_startup_summary(job, family.name, accelerator, len(samples), encoded, buckets, items,
                                        num_trainable, sampler.batches_per_epoch))
     accelerator.init_trackers("tailoredgen-train", config=_flat_hparams(job))
-    history = trainer.train()
-    accelerator.end_training()
+    trained = accelerator.unwrap_model(denoiser)
+    del denoiser  # from here on the DDP wrapper lives only in the trainer and the accelerator
+    try:
+        history = trainer.train()
+    except Preempted:
+        _shut_down(accelerator, trainer, every_process_agrees=True)
+        raise
+    except BaseException:
+        _shut_down(accelerator, trainer, every_process_agrees=False)
+        raise
+    _shut_down(accelerator, trainer, every_process_agrees=True)
     checkpoints = [checkpointer.path_for(s) for s in params.checkpoint_steps() if checkpointer.path_for(s).is_dir()]
     accelerator.print(_finish_summary(checkpoints))
-    return TrainingResult(output_dir=output_dir, checkpoints=checkpoints, history=history,
-                          denoiser=accelerator.unwrap_model(denoiser))
+    return TrainingResult(output_dir=output_dir, checkpoints=checkpoints, history=history, denoiser=trained)
+
+
+def _shut_down(accelerator: Accelerator, trainer: Trainer, *, every_process_agrees: bool) -> None:
+    """Free the DDP wrapper, then the process group, while every process is still there: a gloo
+    group torn down by the wrapper's destructor after a peer exited can hang its process."""
+    trainer.denoiser = accelerator.unwrap_model(trainer.denoiser)
+    accelerator.free_memory()  # drops accelerate's references to the wrapper and its reducer
+    gc.collect()
+    if every_process_agrees:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def _flat_hparams(job: JobSpec) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_two_processes_train_distinct_shards_and_write_one_checkpoint(tiny_fibo_
         "--set", "run.log_samples=true", "--set", "run.log_with=none",
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "processes: 2 on cpu" in log
