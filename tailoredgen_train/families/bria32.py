@@ -30,6 +30,7 @@ from ..data.buckets import CropGeometry
 from ..errors import ConfigError
 from .base import FamilyOptions, LoadedModel, ModelFamily
 from .fibo import FIBO_LORA_TARGETS
+from .tiny_parts import tiny_autoencoder_kl
 
 # Bria's 3.x LoRA recipe (Efrat-Taig/training-lora-advanced): the attention and feed-forward
 # suffixes of FIBO's list, without the AdaLN and output layers.
@@ -165,13 +166,7 @@ class Bria32Family(ModelFamily):
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
             num_attention_heads=8, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4],
         )
-        # four blocks: the real 8x downsampling, so BriaPipeline's vae_scale_factor (16) holds
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.13025, shift_factor=None,
-            force_upcast=False,
-        )
+        vae = tiny_autoencoder_kl(shift_factor=None)  # BRIA-3.2's VAE has shift_factor null
         # BRIA-3.2's scheduler_config.json
         scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..data.buckets import FIBO_BUCKETS_1024, CropGeometry
 from ..errors import ConfigError
 from .base import FamilyOptions, LoadedModel, ModelFamily
-from .tiny_tokenizer import build_byte_tokenizer
+from .tiny_parts import build_byte_tokenizer
 
 # Bria's FIBO LoRA targets (Bria-AI/FIBO src/fine_tuning/fine_tune_utils.py::add_lora); suffix
 # matching also catches the top-level proj_out.

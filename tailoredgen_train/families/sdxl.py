@@ -35,6 +35,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 from ..data.buckets import CropGeometry
 from ..errors import ConfigError
 from .base import FamilyOptions, LoadedModel, ModelFamily
+from .tiny_parts import tiny_autoencoder_kl
 
 SDXL_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # SDXL's ~1 MP training resolutions (W, H); sides are multiples of 64.
@@ -176,11 +177,7 @@ class Sdxl23Family(ModelFamily):
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
             cross_attention_dim=64, norm_num_groups=1,
         )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.13025, force_upcast=False,
-        )
+        vae = tiny_autoencoder_kl()
         # SDXL's scheduler; Bria 2.3 requires force_zeros_for_empty_prompt=False (its model card)
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
