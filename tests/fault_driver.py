@@ -1,7 +1,7 @@
 """Runs one training job (a job.json) in a subprocess with faults injected, for the fault tests.
 
     python tests/fault_driver.py JOB_JSON [--kill-after-step N] [--kill-at KIND.PHASE:STEP]
-                                          [--sleep-per-step SECONDS] [--drop-scheduler-state]
+                                          [--pause-after-step N] [--drop-scheduler-state]
 
 The job runs through the real CLI (`run-job`), so exit codes are the CLI's. Kills are SIGKILL:
 nothing in the process gets to clean up, as when a cluster node dies.
@@ -33,8 +33,11 @@ def install(args: argparse.Namespace) -> None:
     def train_step(self, micro_batches):
         record = original_step(self, micro_batches)
         print(f"step {record.step} done", flush=True)
-        if args.sleep_per_step:
-            time.sleep(args.sleep_per_step)
+        if record.step == args.pause_after_step:
+            # hold the step boundary until a stop signal arrives, so its timing is not a race
+            deadline = time.monotonic() + 60
+            while self.stop_flag.requested is None and time.monotonic() < deadline:
+                time.sleep(0.02)
         if record.step == args.kill_after_step:
             kill_self()  # between steps: after the update, before counters and saves
         return record
@@ -59,7 +62,7 @@ if __name__ == "__main__":
     parser.add_argument("job_file")
     parser.add_argument("--kill-after-step", type=int)
     parser.add_argument("--kill-at")
-    parser.add_argument("--sleep-per-step", type=float, default=0.0)
+    parser.add_argument("--pause-after-step", type=int)
     parser.add_argument("--drop-scheduler-state", action="store_true")
     arguments = parser.parse_args()
     install(arguments)
