@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -151,7 +152,9 @@ class Trainer:
         for index, (sample_indices, batch) in enumerate(micro_batches):
             if self.settings.log_samples:
                 ids = ",".join(self.sample_ids[i] for i in sample_indices)
-                print(f"[rank {accelerator.process_index}] step {step + 1} samples {ids}", flush=True)
+                # one write per line: processes share the pipe, and `python -u` would split a print
+                sys.stdout.write(f"[rank {accelerator.process_index}] step {step + 1} samples {ids}\n")
+                sys.stdout.flush()
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             generator = torch.Generator(device=accelerator.device)
             generator.manual_seed(step_seed(self.settings.seed, step, index, accelerator.process_index))
