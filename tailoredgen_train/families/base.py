@@ -8,6 +8,7 @@ trainer, the cache and `start_training` only talk to this interface.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -33,6 +34,13 @@ class LoadedModel:
     fingerprint: str
     """Identifies the base weights: part of every cache key and checked when resuming."""
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def base_fingerprint(base: str, *configs: Mapping[str, Any]) -> str:
+    """Identifies base weights by where they came from and their components' configs: part of every
+    cache key and checked when resuming."""
+    text = json.dumps([base, *[dict(c) for c in configs]], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

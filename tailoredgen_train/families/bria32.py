@@ -13,8 +13,6 @@ Facts this module relies on (shared/reference/models.md section 1.2, 4.2):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from ..data.buckets import CropGeometry
 from ..errors import ConfigError
-from .base import FamilyOptions, LoadedModel, ModelFamily
+from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint
 from .fibo import FIBO_LORA_TARGETS
 from .tiny_parts import tiny_autoencoder_kl
 
@@ -87,13 +85,11 @@ class Bria32Family(ModelFamily):
         training_schedule = FlowMatchEulerDiscreteScheduler.from_config(
             scheduler.config, shift=self.options.shift, use_dynamic_shifting=False)
         self.sigmas = training_schedule.sigmas.to(torch.float32)
-        config_text = json.dumps([base, dict(transformer.config), dict(vae.config), text_encoder.config.to_dict()],
-                                 sort_keys=True, default=str)
         return LoadedModel(
             denoiser=transformer,
             encoders={"pipe": pipe, "vae": vae},
             scheduler=scheduler,
-            fingerprint=hashlib.sha256(config_text.encode()).hexdigest()[:16],
+            fingerprint=base_fingerprint(base, transformer.config, vae.config, text_encoder.config.to_dict()),
         )
 
     @torch.no_grad()

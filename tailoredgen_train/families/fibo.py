@@ -11,8 +11,6 @@ Facts this module relies on (shared/reference/models.md section 1.1):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..data.buckets import FIBO_BUCKETS_1024, CropGeometry
 from ..errors import ConfigError
-from .base import FamilyOptions, LoadedModel, ModelFamily
+from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint
 from .tiny_parts import build_byte_tokenizer
 
 # Bria's FIBO LoRA targets (Bria-AI/FIBO src/fine_tuning/fine_tune_utils.py::add_lora); suffix
@@ -80,10 +78,6 @@ def fit_text_layers(layers: list[torch.Tensor], num_blocks: int) -> list[torch.T
     return list(layers) + [layers[-1]] * (num_blocks - len(layers))
 
 
-def _fingerprint(base: str, *configs: dict) -> str:
-    text = json.dumps([base, *[dict(c) for c in configs]], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 class FiboFamily(ModelFamily):
     name = "fibo"
@@ -114,7 +108,7 @@ class FiboFamily(ModelFamily):
         # the pipeline object is used only for its prompt encoder, so encoding is the pipeline's own
         text_pipe = BriaFiboPipeline(transformer=None, scheduler=None, vae=None, text_encoder=text_encoder,
                                      tokenizer=tokenizer)
-        fingerprint = _fingerprint(base, transformer.config, vae.config, text_encoder.config.to_dict())
+        fingerprint = base_fingerprint(base, transformer.config, vae.config, text_encoder.config.to_dict())
         return LoadedModel(
             denoiser=transformer,
             encoders={"text": text_pipe, "vae": vae},

@@ -14,8 +14,6 @@ Facts this module relies on (shared/reference/models.md section 1.3, 4.4):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 from ..data.buckets import CropGeometry
 from ..errors import ConfigError
-from .base import FamilyOptions, LoadedModel, ModelFamily
+from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint
 from .tiny_parts import tiny_autoencoder_kl
 
 SDXL_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -87,13 +85,11 @@ class Sdxl23Family(ModelFamily):
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                          scheduler=self.noise_scheduler)
-        config_text = json.dumps([base, dict(unet.config), dict(vae.config), text_encoder_2.config.to_dict()],
-                                 sort_keys=True, default=str)
         return LoadedModel(
             denoiser=unet,
             encoders={"pipe": pipe, "vae": vae},
             scheduler=self.noise_scheduler,
-            fingerprint=hashlib.sha256(config_text.encode()).hexdigest()[:16],
+            fingerprint=base_fingerprint(base, unet.config, vae.config, text_encoder_2.config.to_dict()),
         )
 
     @torch.no_grad()
