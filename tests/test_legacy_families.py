@@ -59,15 +59,21 @@ def test_tiny_base_is_a_pipeline_directory(name, legacy_bases):
     assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()
 
 
-def test_bria32_conditioning_matches_bria_pipeline(legacy_bases):
-    family, model = loaded("bria-3.2", legacy_bases["bria-3.2"])
+def denoiser_inputs(name: str, base: Path, sample_key: str):
+    """The denoiser inputs of the family's training step and of its pipeline (one step, no CFG),
+    plus the pipeline and the family."""
+    family, model = loaded(name, base)
     entry = family.encode_sample(model, pixels(), CAPTION, SQUARE)
-    with recording(model.denoiser, "hidden_states") as ours:
+    with recording(model.denoiser, sample_key) as ours:
         family.compute_loss(model.denoiser, family.collate([entry]), torch.Generator().manual_seed(0))
-    pipe = BriaPipeline.from_pretrained(legacy_bases["bria-3.2"])
-    with recording(pipe.transformer, "hidden_states") as theirs:
+    pipe = PIPELINES[name].from_pretrained(base)
+    with recording(pipe.transformer if name == "bria-3.2" else pipe.unet, sample_key) as theirs:
         pipe(CAPTION, height=128, width=128, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
-    mine, reference = ours[0][1], theirs[0][1]
+    return ours[0][1], theirs[0][1], pipe, family
+
+
+def test_bria32_conditioning_matches_bria_pipeline(legacy_bases):
+    mine, reference, pipe, family = denoiser_inputs("bria-3.2", legacy_bases["bria-3.2"], "hidden_states")
     # each caption alone through T5, zero-padded to 128, no mask
     assert mine["encoder_hidden_states"].shape == (1, 128, 32)
     assert torch.equal(mine["encoder_hidden_states"], reference["encoder_hidden_states"])
@@ -103,14 +109,7 @@ def test_bria32_objective_is_the_velocity(legacy_bases):
 
 
 def test_sdxl_conditioning_matches_the_sdxl_pipeline(legacy_bases):
-    family, model = loaded("bria-2.3", legacy_bases["bria-2.3"])
-    entry = family.encode_sample(model, pixels(), CAPTION, SQUARE)
-    with recording(model.denoiser, "sample") as ours:
-        family.compute_loss(model.denoiser, family.collate([entry]), torch.Generator().manual_seed(0))
-    pipe = StableDiffusionXLPipeline.from_pretrained(legacy_bases["bria-2.3"])
-    with recording(pipe.unet, "sample") as theirs:
-        pipe(CAPTION, height=128, width=128, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
-    mine, reference = ours[0][1], theirs[0][1]
+    mine, reference, _, _ = denoiser_inputs("bria-2.3", legacy_bases["bria-2.3"], "sample")
     assert torch.equal(mine["encoder_hidden_states"], reference["encoder_hidden_states"])
     for key in ("text_embeds", "time_ids"):
         assert torch.equal(mine["added_cond_kwargs"][key], reference["added_cond_kwargs"][key]), key
