@@ -1,4 +1,4 @@
-"""Command line: `tailoredgen-train {train,validate-dataset,make-tiny-base,run-job}`.
+"""Command line: `tailoredgen-train {train,validate-dataset,make-tiny-base,run-job,serve}`.
 
 The train flags named after the contract's request fields go through the same resolution as the
 API (expert-mode rule, ranges, defaults); engineering options come from --config and --set.
@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import load_engine_config
 from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
 from .errors import Preempted, TailoredGenError
+from .service.settings import TOKENS_ENV
 
 EXIT_USER_ERROR = 2  # the input is wrong: fix it and run again
 EXIT_FAILURE = 1
@@ -63,6 +64,27 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
+    serve = commands.add_parser("serve", help="run the Tailored Generation HTTP service (FastAPI + uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", default="tailoredgen-data", help="SQLite database, datasets and run folders")
+    serve.add_argument("--db", help="SQLAlchemy URL (default: sqlite in --data-dir); PostgreSQL serves several instances")
+    serve.add_argument("--base", action="append", default=[], metavar="FAMILY=PATH_OR_ID",
+                       help="base model of a family, e.g. --base fibo=runs/tiny-fibo-base (repeatable)")
+    serve.add_argument("--engine-config", action="append", default=[], metavar="FAMILY=YAML",
+                       help="engine config of a family, e.g. --engine-config fibo=configs/fibo.yaml (repeatable)")
+    serve.add_argument("--tokens-file", help=f"API tokens, one per line (also read from {TOKENS_ENV})")
+    serve.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    serve.add_argument("--slurm-template", help="sbatch template (default: the packaged train.sbatch)")
+    serve.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) per training job")
+    serve.add_argument("--lost-jobs", choices=("resume", "fail"), default="resume",
+                       help="a job found gone without a result (e.g. after a restart): resume it or mark it Failed")
+    serve.add_argument("--rate-limit", type=int, default=600, help="requests per minute per token")
+    serve.add_argument("--max-concurrent-trainings", type=int, default=4, help="per token")
+    serve.add_argument("--poll-interval", type=float, default=2.0, help="seconds between job checks")
+    serve.add_argument("--public-url", help="base of download links (default: the request's own)")
+    serve.add_argument("--version-map", help="YAML mapping training_version -> family (default: packaged map)")
+
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
     return parser
@@ -109,14 +131,45 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_job(args: argparse.Namespace) -> int:
+    """Run a job.json and leave OUTPUT/result.json saying how it ended (see outcome.py)."""
+    from .outcome import write_outcome
     from .recipe import JobSpec, run_training
 
-    run_training(JobSpec.from_dict(json.loads(Path(args.job_file).read_text())))
+    job = JobSpec.from_dict(json.loads(Path(args.job_file).read_text()))
+    try:
+        run_training(job)
+    except Preempted as exc:
+        write_outcome(job.output_dir, "preempted", code=exc.code, message=exc.message)
+        raise
+    except TailoredGenError as exc:
+        write_outcome(job.output_dir, "failed", code=exc.code, message=exc.message)
+        raise
+    except Exception as exc:
+        write_outcome(job.output_dir, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}")
+        raise
+    write_outcome(job.output_dir, "completed", final_step=job.params.total_training_steps)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .service.app import serve
+    from .service.settings import ServiceSettings, load_tokens, parse_assignments
+
+    settings = ServiceSettings(
+        data_dir=Path(args.data_dir), db_url=args.db, tokens=load_tokens(args.tokens_file),
+        bases=parse_assignments(args.base, "--base"), engine_configs=parse_assignments(args.engine_config,
+                                                                                       "--engine-config"),
+        version_map=args.version_map, launcher=args.launcher, slurm_template=args.slurm_template,
+        num_processes=args.num_processes, lost_jobs=args.lost_jobs, rate_limit_per_minute=args.rate_limit,
+        max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
+        public_url=args.public_url,
+    )
+    serve(settings, args.host, args.port)
     return 0
 
 
 COMMANDS = {"train": _cmd_train, "validate-dataset": _cmd_validate, "make-tiny-base": _cmd_tiny,
-            "run-job": _cmd_run_job}
+            "run-job": _cmd_run_job, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,10 @@
+"""The Tailored Generation HTTP service: `tailoredgen-train serve`.
+
+    settings.py   what the service is configured with
+    db.py         the tables (SQLAlchemy: SQLite by default, any URL)
+    auth.py       api_token, request rates, pre-signed download links
+    launchers.py  where a job runs: a local process or Slurm
+    runner.py     claim, launch, watch, settle and reconcile jobs
+    app.py        the FastAPI app: errors, middleware, wiring
+    routes_*.py   the endpoints
+"""

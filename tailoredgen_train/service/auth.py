@@ -1,0 +1,80 @@
+"""The api_token header (compared in constant time, never logged), request rates, signed URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import threading
+import time
+from collections import deque
+
+from ..errors import RateLimitedError, UnauthorizedError
+
+
+def token_id(token: str) -> str:
+    """A stable, non-reversible name for a token: what logs and the database may hold."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+class TokenAuth:
+    def __init__(self, tokens: list[str]):
+        self._tokens = [t.encode() for t in tokens]
+
+    def check(self, given: str | None) -> str:
+        """The caller's token id, or UnauthorizedError. Every configured token is compared, so the
+        time taken does not depend on which one (if any) matches."""
+        candidate = (given or "").encode("utf-8", "surrogateescape")
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(candidate, token)
+        if not given or not matched:
+            raise UnauthorizedError("Unauthorized: send a valid API token in the api_token header")
+        return token_id(given)
+
+
+class RateLimiter:
+    """At most `per_minute` requests per token in any sliding 60-second window (per server process)."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic):
+        self.per_minute = per_minute
+        self._clock = clock
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, who: str) -> None:
+        now = self._clock()
+        with self._lock:
+            window = self._seen.setdefault(who, deque())
+            while window and window[0] <= now - 60.0:
+                window.popleft()
+            if len(window) >= self.per_minute:
+                retry_after = max(1, math.ceil(window[0] + 60.0 - now))
+                raise RateLimitedError(
+                    f"Request limit exceeded: at most {self.per_minute} requests per minute per token. "
+                    f"Try again in {retry_after} s.", retry_after_s=retry_after)
+            window.append(now)
+
+
+class UrlSigner:
+    """Pre-signed download URLs: the path and an expiry, signed with the service's secret."""
+
+    def __init__(self, secret: str, clock=time.time):
+        self._key = secret.encode()
+        self._clock = clock
+
+    def sign(self, path: str, ttl_s: int) -> tuple[int, str]:
+        expires = int(self._clock()) + ttl_s
+        return expires, self._signature(path, expires)
+
+    def verify(self, path: str, expires: int, signature: str) -> None:
+        expected = self._signature(path, expires)
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
+            raise UnauthorizedError("Unauthorized: the download link's signature does not match; request a new "
+                                    "link from GET /tailored-gen/models/{model_id}/download")
+        if expires < self._clock():
+            raise UnauthorizedError("Unauthorized: the download link has expired; request a new one from "
+                                    "GET /tailored-gen/models/{model_id}/download")
+
+    def _signature(self, path: str, expires: int) -> str:
+        return hmac.new(self._key, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()

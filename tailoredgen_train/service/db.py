@@ -1,0 +1,154 @@
+"""The service's tables (SQLAlchemy) and the one way to open a transaction.
+
+SQLite is the embedded default; any SQLAlchemy URL works (PostgreSQL serves several instances).
+On SQLite every transaction starts with BEGIN IMMEDIATE, so that a read followed by a write never
+fails with "database is locked" halfway through: writers queue on the busy timeout instead.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    project_name: Mapped[str] = mapped_column(Text)
+    project_description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ip_name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ip_description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ip_medium: Mapped[str] = mapped_column(String(32))
+    ip_type: Mapped[str] = mapped_column(String(32))
+    training_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(Text)
+    training_version: Mapped[str] = mapped_column(String(16))
+    caption_prefix: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    upload_type: Mapped[str] = mapped_column(String(16), default="basic")
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
+class Image(Base):
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    image_name: Mapped[str] = mapped_column(Text)
+    file_name: Mapped[str] = mapped_column(String(64))
+    """the stored file, relative to the dataset folder (the name is the server's, never the client's)"""
+    caption: Mapped[str | None] = mapped_column(Text, nullable=True)
+    caption_source: Mapped[str] = mapped_column(String(16), default="manual")
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text, default="")
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    training_version: Mapped[str] = mapped_column(String(16))
+    training_mode: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="Created", index=True)
+    custom_metadata: Mapped[str] = mapped_column(Text, default="")
+    active_model_version: Mapped[str] = mapped_column(String(16), default="default")
+    training_parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    generation_prefix: Mapped[str | None] = mapped_column(Text, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """a hash of the token that started the training (never the token): the per-token training cap"""
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stop_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
+class TrainingJob(Base):
+    """One attempt at running a model's training; a resumed job is a new attempt in the same run folder."""
+
+    __tablename__ = "training_jobs"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    run_dir: Mapped[str] = mapped_column(Text)
+    launcher: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """the local process id or the Slurm job id"""
+    process_started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """the local process's start time: a pid reused by another process does not match"""
+    started_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    ended_at: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("model_id", "step"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    training_job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id"))
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        connect_args = {"check_same_thread": False, "timeout": 60} if self.is_sqlite else {}
+        self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: committed when the block ends, rolled back if it raises."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling would BEGIN DEFERRED; the "begin" hook issues BEGIN IMMEDIATE
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; survives a kill -9
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()

@@ -1,0 +1,114 @@
+"""ServiceSettings: everything `tailoredgen-train serve` is configured with, validated up front."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..errors import ConfigError
+
+TOKENS_ENV = "TAILOREDGEN_API_TOKENS"
+URL_SECRET_ENV = "TAILOREDGEN_URL_SECRET"
+
+
+@dataclass
+class ServiceSettings:
+    data_dir: Path
+    """SQLite database (unless db_url is given), dataset folders and run folders live here."""
+    tokens: list[str]
+    bases: dict[str, str]
+    """model family -> base model directory or hub id, e.g. {"fibo": "runs/tiny-fibo-base"}."""
+    engine_configs: dict[str, str] = field(default_factory=dict)
+    """model family -> engine config YAML; a family without one uses the engine defaults."""
+    db_url: str | None = None
+    version_map: str | None = None
+    launcher: Literal["local", "slurm"] = "local"
+    num_processes: int = 1
+    """processes per job for the local launcher (>1 runs `accelerate launch --multi_gpu`)."""
+    slurm_template: str | None = None
+    """sbatch template; the packaged one (service/templates/train.sbatch) when None."""
+    lost_jobs: Literal["resume", "fail"] = "resume"
+    """A job whose process is gone without a result (server restart, node loss): relaunch it from
+    its last checkpoint, or mark the model Failed."""
+    max_resume_attempts: int = 3
+    rate_limit_per_minute: int = 600
+    max_concurrent_trainings: int = 4
+    """per token: InProgress + Stopping models it started."""
+    poll_interval_s: float = 2.0
+    stop_grace_s: float = 300.0
+    """after stop_training, SIGKILL a job that has not exited within this many seconds."""
+    download_url_ttl_s: int = 3600
+    url_secret: str | None = None
+    public_url: str | None = None
+    """the base of download URLs; the request's own base URL when None."""
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if not self.tokens:
+            raise ConfigError(f"no API tokens configured: set {TOKENS_ENV}=token1,token2 or pass --tokens-file FILE")
+        if any(len(t) < 8 for t in self.tokens):
+            raise ConfigError("every API token must be at least 8 characters long")
+        if not self.bases:
+            raise ConfigError("no base model configured: pass --base FAMILY=PATH_OR_ID, e.g. --base fibo=runs/tiny-fibo-base")
+        if self.launcher not in ("local", "slurm"):
+            raise ConfigError(f"launcher must be 'local' or 'slurm', not {self.launcher!r}")
+        if self.lost_jobs not in ("resume", "fail"):
+            raise ConfigError(f"lost_jobs must be 'resume' or 'fail', not {self.lost_jobs!r}")
+        for name, value, low in (("num_processes", self.num_processes, 1),
+                                 ("max_resume_attempts", self.max_resume_attempts, 0),
+                                 ("rate_limit_per_minute", self.rate_limit_per_minute, 1),
+                                 ("max_concurrent_trainings", self.max_concurrent_trainings, 1),
+                                 ("download_url_ttl_s", self.download_url_ttl_s, 1)):
+            if value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.poll_interval_s <= 0 or self.stop_grace_s <= 0:
+            raise ConfigError("poll_interval_s and stop_grace_s must be positive")
+        unknown = sorted(set(self.engine_configs) - set(self.bases))
+        if unknown:
+            raise ConfigError(f"--engine-config given for {', '.join(unknown)} but no --base for it")
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'tailoredgen.sqlite3'}"
+
+    def resolved_url_secret(self) -> str:
+        """The key that signs download URLs: given, from the environment, or created once in data_dir
+        (several instances behind one database must share it through the environment)."""
+        if self.url_secret:
+            return self.url_secret
+        if os.environ.get(URL_SECRET_ENV):
+            return os.environ[URL_SECRET_ENV]
+        path = self.data_dir / ".url_secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+
+def load_tokens(tokens_file: str | None = None, environ: dict[str, str] | None = None) -> list[str]:
+    """Tokens from TAILOREDGEN_API_TOKENS (comma-separated) and/or a file (one per line, # comments)."""
+    environ = os.environ if environ is None else environ
+    tokens = [t.strip() for t in environ.get(TOKENS_ENV, "").split(",") if t.strip()]
+    if tokens_file:
+        try:
+            lines = Path(tokens_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --tokens-file {tokens_file}: {exc.strerror}") from None
+        tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return list(dict.fromkeys(tokens))
+
+
+def parse_assignments(values: list[str], flag: str) -> dict[str, str]:
+    """["fibo=runs/base"] -> {"fibo": "runs/base"}; names the flag when an item has no '='."""
+    result: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(f"{flag} {item!r} must look like FAMILY=VALUE, e.g. {flag} fibo=runs/tiny-fibo-base")
+        result[name.strip()] = value.strip()
+    return result

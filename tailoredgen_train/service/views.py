@@ -1,0 +1,69 @@
+"""The JSON bodies the API returns, built from database rows (bria-api.md sections 1-3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .db import Checkpoint, Dataset, Image, Model, Project
+
+# what GET /models/{id}/download names as the base, per model family
+BASE_MODEL_CARDS = {
+    "fibo": ("BRIA-FIBO", "https://huggingface.co/briaai/BRIA-FIBO"),
+    "bria-3.2": ("BRIA-3.2", "https://huggingface.co/briaai/BRIA-3.2"),
+    "bria-2.3": ("BRIA-2.3", "https://huggingface.co/briaai/BRIA-2.3"),
+}
+
+
+def project_view(project: Project) -> dict[str, Any]:
+    return {k: getattr(project, k) for k in (
+        "id", "project_name", "project_description", "ip_name", "ip_description", "ip_medium", "ip_type",
+        "training_version", "status", "created_at", "updated_at")}
+
+
+def image_view(image: Image) -> dict[str, Any]:
+    return {"id": image.id, "dataset_id": image.dataset_id, "image_name": image.image_name,
+            "caption": image.caption, "caption_source": image.caption_source, "width": image.width,
+            "height": image.height, "created_at": image.created_at, "updated_at": image.updated_at}
+
+
+def dataset_view(session: Session, dataset: Dataset, *, images: list[Image] | None = None) -> dict[str, Any]:
+    count = session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == dataset.id))
+    body = {"id": dataset.id, "project_id": dataset.project_id, "name": dataset.name,
+            "training_version": dataset.training_version, "caption_prefix": dataset.caption_prefix,
+            "status": dataset.status, "upload_type": dataset.upload_type,
+            "captions_update_status": "completed" if count else "empty", "images_count": count,
+            "created_at": dataset.created_at, "updated_at": dataset.updated_at}
+    if images is not None:
+        body["images"] = [image_view(i) for i in images]
+    return body
+
+
+def checkpoint_steps(session: Session, model: Model) -> list[str]:
+    """Published checkpoints as strings, newest first; fully_automated models expose none (Bria)."""
+    if model.training_mode != "expert":
+        return []
+    steps = session.scalars(select(Checkpoint.step).where(Checkpoint.model_id == model.id)
+                            .order_by(Checkpoint.step.desc()))
+    return [str(s) for s in steps]
+
+
+def model_view(session: Session, model: Model, *, include_training_parameters: bool = True) -> dict[str, Any]:
+    body = {"id": model.id, "name": model.name, "description": model.description, "status": model.status,
+            "dataset_id": model.dataset_id, "training_version": model.training_version,
+            "training_mode": model.training_mode, "generation_prefix": model.generation_prefix,
+            "project_id": model.project_id, "created_at": model.created_at, "updated_at": model.updated_at,
+            "custom_metadata": model.custom_metadata, "active_model_version": model.active_model_version}
+    if include_training_parameters:
+        body["training_parameters"] = dict(model.training_parameters or {})
+        body["checkpoint_steps"] = checkpoint_steps(session, model)
+    if model.status == "Failed":
+        body["error"] = {"code": model.error_code, "message": model.error_message}
+    return body
+
+
+def checkpoint_view(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {"checkpoint_step": checkpoint.step, "training_job_id": checkpoint.training_job_id,
+            "created_at": checkpoint.created_at}

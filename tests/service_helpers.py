@@ -1,0 +1,184 @@
+"""Helpers for the HTTP service tests: real uvicorn servers (in a thread or as `tailoredgen-train
+serve`), an httpx client, and the steps of the Tailored Generation lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import uvicorn
+
+from tailoredgen_train.data import SAMPLE_DATASET_DIR
+from tailoredgen_train.service.app import create_app
+from tailoredgen_train.service.launchers import LocalBackend
+from tailoredgen_train.service.settings import ServiceSettings
+
+TOKEN = "test-token-0001"
+OTHER_TOKEN = "test-token-0002"
+# cheap training for the service tests: 64 px buckets, nothing logged
+TEST_ENGINE_YAML = """\
+data: {resolution: 64, min_side: 64, batch_size: 1, num_workers: 0}
+lora: {init: gaussian}
+run: {seed: 0, log_with: none, log_every: 50}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_yaml(directory: Path) -> Path:
+    path = directory / "engine.yaml"
+    path.write_text(TEST_ENGINE_YAML)
+    return path
+
+
+def settings_for(tmp: Path, base: Path, **overrides: Any) -> ServiceSettings:
+    values = dict(data_dir=tmp / "data", tokens=[TOKEN, OTHER_TOKEN], bases={"fibo": str(base)},
+                  engine_configs={"fibo": str(engine_yaml(tmp))}, poll_interval_s=0.2)
+    values.update(overrides)
+    return ServiceSettings(**values)
+
+
+class SleepingBackend(LocalBackend):
+    """The real local backend (Popen in its own session, psutil liveness, killpg), with a sleeping
+    process standing in for training: for the API tests that need a model InProgress, not a LoRA."""
+
+    def __init__(self):
+        super().__init__()
+        self._launcher.command = lambda job_file: [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+class ThreadServer:
+    """uvicorn serving `create_app(settings)` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, settings: ServiceSettings, backend=None):
+        self.app = create_app(settings, backend)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "the server to start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class CliServer:
+    """`python -m tailoredgen_train serve ...` as its own process (so that a test can kill -9 it)."""
+
+    def __init__(self, data_dir: Path, base: Path, engine: Path, *extra: str, log: Path | None = None):
+        self.port = free_port()
+        self.command = [sys.executable, "-m", "tailoredgen_train", "serve", "--port", str(self.port),
+                        "--data-dir", str(data_dir), "--base", f"fibo={base}", "--engine-config", f"fibo={engine}",
+                        "--poll-interval", "0.2", *extra]
+        self.log = log or data_dir.parent / f"server-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> CliServer:
+        env = {**os.environ, "TAILOREDGEN_API_TOKENS": f"{TOKEN},{OTHER_TOKEN}"}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+        def ready() -> bool:
+            assert self.process.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 90, "the server to answer /healthz")
+        return self
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def client(url: str, token: str | None = TOKEN) -> httpx.Client:
+    return httpx.Client(base_url=f"{url}/tailored-gen", headers={"api_token": token} if token else {}, timeout=60)
+
+
+def sample_rows() -> list[dict]:
+    return [json.loads(line) for line in (SAMPLE_DATASET_DIR / "metadata.jsonl").read_text().splitlines() if line]
+
+
+def completed_fibo_dataset(api: httpx.Client, images: int = 5) -> int:
+    """Project -> fibo dataset -> `images` sample images with their JSON captions -> completed."""
+    project = api.post("/projects", json={"project_name": "shapes", "ip_medium": "illustration",
+                                          "ip_type": "stylized_scene"})
+    assert project.status_code == 201, project.text
+    dataset = api.post("/datasets", json={"project_id": project.json()["id"], "name": "shapes",
+                                          "training_version": "fibo"})
+    assert dataset.status_code == 201, dataset.text
+    dataset_id = dataset.json()["id"]
+    for row in sample_rows()[:images]:
+        upload_sample(api, dataset_id, row)
+    done = api.put(f"/datasets/{dataset_id}", json={"status": "completed"})
+    assert done.status_code == 200, done.text
+    return dataset_id
+
+
+def upload_sample(api: httpx.Client, dataset_id: int, row: dict) -> httpx.Response:
+    path = SAMPLE_DATASET_DIR / row["file_name"]
+    caption = row["caption"] if isinstance(row["caption"], str) else json.dumps(row["caption"])
+    response = api.post(f"/datasets/{dataset_id}/images", files={"file": (path.name, path.read_bytes())},
+                        data={"caption": caption})
+    assert response.status_code == 201, response.text
+    return response
+
+
+def create_model(api: httpx.Client, dataset_id: int, mode: str = "expert") -> int:
+    response = api.post("/models", json={"name": "m", "dataset_id": dataset_id, "training_mode": mode})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def wait_for_status(api: httpx.Client, model_id: int, statuses: set[str], timeout: float = 300) -> dict:
+    def settled():
+        body = api.get(f"/models/{model_id}").json()
+        return body if body["status"] in statuses else None
+    return wait_until(settled, timeout, f"model {model_id} to reach {sorted(statuses)}", interval=0.3)

@@ -1,0 +1,471 @@
+"""The HTTP service's API over real HTTP (uvicorn on 127.0.0.1): auth, every documented error path,
+the atomic claim and the limits. Jobs here are sleeping stand-ins started through the real local
+backend; real trainings are in test_service_lifecycle.py and test_service_restart.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+
+import pytest
+from PIL import Image as PILImage
+
+from service_helpers import (OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client, completed_fibo_dataset,
+                             create_model, sample_rows, settings_for, upload_sample, wait_for_status)
+
+
+def _stop_all(backend: SleepingBackend) -> None:
+    for pid, process in list(backend._children.items()):
+        if process.poll() is None:
+            os.killpg(pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_fibo_base, legacy_bases):
+    tmp = tmp_path_factory.mktemp("service-api")
+    backend = SleepingBackend()
+    settings = settings_for(tmp, tiny_fibo_base, bases={"fibo": str(tiny_fibo_base),
+                                                        "bria-3.2": str(legacy_bases["bria-3.2"])})
+    with ThreadServer(settings, backend) as running:
+        yield running
+    _stop_all(backend)
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with client(server.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dataset_id(api):
+    return completed_fibo_dataset(api)
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# ---- 401 ---------------------------------------------------------------------------------------
+
+ENDPOINTS = [
+    ("POST", "/projects"), ("GET", "/projects"), ("GET", "/projects/1"),
+    ("POST", "/datasets"), ("GET", "/datasets"), ("GET", "/datasets/1"), ("PUT", "/datasets/1"),
+    ("POST", "/datasets/1/images"), ("GET", "/datasets/1/images"), ("GET", "/datasets/1/images/1"),
+    ("PUT", "/datasets/1/images/1"), ("DELETE", "/datasets/1/images/1"),
+    ("POST", "/models"), ("GET", "/models"), ("GET", "/models/1"), ("PUT", "/models/1"), ("DELETE", "/models/1"),
+    ("POST", "/models/1/start_training"), ("POST", "/models/1/stop_training"),
+    ("GET", "/models/1/checkpoints"), ("GET", "/models/1/checkpoints/100"), ("GET", "/models/1/download"),
+]
+
+
+def test_the_endpoint_table_covers_every_authenticated_route(server):
+    paths = server.app.openapi()["paths"]
+    routes = {(method.upper(), path.removeprefix("/tailored-gen")) for path, item in paths.items()
+              if "/files/" not in path for method in item}
+    assert routes == {(method, _template(path)) for method, path in ENDPOINTS}
+
+
+def _template(path: str) -> str:
+    """/models/1/checkpoints/100 -> /models/{model_id}/checkpoints/{checkpoint_step}"""
+    names = {"projects": "{project_id}", "datasets": "{dataset_id}", "images": "{image_id}", "models": "{model_id}",
+             "checkpoints": "{checkpoint_step}"}
+    parts = path.split("/")
+    return "/".join(names[parts[i - 1]] if part.isdigit() else part for i, part in enumerate(parts))
+
+
+@pytest.mark.parametrize("method,path", ENDPOINTS)
+@pytest.mark.parametrize("token", [None, "", "wrong-token-value", TOKEN + "x", TOKEN[:-1]])
+def test_every_endpoint_refuses_a_missing_or_wrong_token(server, method, path, token):
+    with client(server.url, token=None) as anonymous:
+        headers = {} if token is None else {"api_token": token}
+        response = anonymous.request(method, path, headers=headers)
+    assert response.status_code == 401, response.text
+    assert "api_token" in response.json()["message"]
+
+
+def test_a_valid_token_passes_the_same_requests(api, server):
+    # negative control for the table above: the same calls with a good token are not 401
+    for method, path in ENDPOINTS:
+        assert api.request(method, path).status_code != 401, (method, path)
+    with client(server.url, token=OTHER_TOKEN) as other:
+        assert other.get("/models").status_code == 200
+
+
+def test_tokens_never_reach_the_logs(server, caplog):
+    caplog.set_level("DEBUG")
+    with client(server.url) as good, client(server.url, token="leaky-secret-token") as bad:
+        good.get("/models")
+        bad.get("/models")
+    assert caplog.records, "the request log line is missing"
+    assert TOKEN not in caplog.text and "leaky-secret-token" not in caplog.text
+
+
+# ---- 404 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,path,what", [
+    ("GET", "/projects/999999", "Project not found"),
+    ("GET", "/datasets/999999", "Dataset not found"),
+    ("GET", "/datasets/999999/images", "Dataset not found"),
+    ("GET", "/models/999999", "Model not found"),
+    ("POST", "/models/999999/start_training", "Model not found"),
+    ("POST", "/models/999999/stop_training", "Model not found"),
+    ("DELETE", "/models/999999", "Model not found"),
+    ("GET", "/models/999999/download", "Model not found"),
+])
+def test_unknown_ids_get_404(api, method, path, what):
+    response = api.request(method, path)
+    assert response.status_code == 404
+    assert response.json()["message"].startswith(what)
+
+
+def test_model_on_an_unknown_dataset_is_404(api):
+    response = api.post("/models", json={"name": "m", "dataset_id": 999999})
+    assert response.status_code == 404 and response.json()["message"].startswith("Dataset not found")
+
+
+def test_unknown_image_and_checkpoint_are_404(api, dataset_id):
+    assert api.get(f"/datasets/{dataset_id}/images/999999").status_code == 404
+    model_id = create_model(api, dataset_id)
+    assert api.get(f"/models/{model_id}/checkpoints/100").json()["message"].startswith("Checkpoint not found")
+
+
+# ---- start_training: 200, 409, 412, 400 --------------------------------------------------------
+
+def test_start_returns_the_model_in_progress_with_resolved_parameters(api, dataset_id):
+    model_id = create_model(api, dataset_id)
+    response = api.post(f"/models/{model_id}/start_training", json={"rank": 16, "total_training_steps": 300})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "InProgress" and body["checkpoint_steps"] == [] and body["generation_prefix"] is None
+    assert body["training_parameters"] == {"learning_rate": 0.0001, "lr_scheduler": "constant_with_warmup",
+                                           "rank": 16, "total_training_steps": 300, "checkpoint_interval": 300,
+                                           "lr_warmup_steps": 100}
+    assert api.get(f"/models/{model_id}").json()["training_parameters"] == body["training_parameters"]
+    job = json.loads((api_run_dir(api, model_id) / "job.json").read_text())
+    assert job["params"] == body["training_parameters"] and job["dataset_dir"].endswith(f"dataset-{dataset_id}")
+    _stop(api, model_id)
+
+
+def api_run_dir(api, model_id):
+    return _SERVER["server"].service.runner.run_dir(model_id)
+
+
+_SERVER: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remember_server(server):
+    _SERVER["server"] = server
+
+
+def _stop(api, model_id):
+    assert api.post(f"/models/{model_id}/stop_training").status_code == 200
+    return wait_for_status(api, model_id, {"Stopped"}, timeout=60)
+
+
+def test_a_second_start_is_409(api, dataset_id):
+    model_id = create_model(api, dataset_id)
+    assert api.post(f"/models/{model_id}/start_training").status_code == 200
+    second = api.post(f"/models/{model_id}/start_training")
+    assert second.status_code == 409 and "already started" in second.json()["message"]
+    _stop(api, model_id)
+    assert api.post(f"/models/{model_id}/start_training").status_code == 409  # a stopped model is not resumed
+
+
+def test_a_draft_dataset_is_412(api):
+    project = api.post("/projects", json={"project_name": "p", "ip_medium": "photography", "ip_type": "other"})
+    draft = api.post("/datasets", json={"project_id": project.json()["id"], "name": "d", "training_version": "fibo"})
+    model_id = create_model(api, draft.json()["id"])
+    response = api.post(f"/models/{model_id}/start_training", json={"rank": 100000})
+    assert response.status_code == 412  # 412 comes before the body's 400
+    assert "completed" in response.json()["message"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("learning_rate", 0.5), ("learning_rate", 1e-9), ("learning_rate", "fast"),
+    ("total_training_steps", 0), ("total_training_steps", 5001), ("total_training_steps", 10.5),
+    ("rank", 2), ("rank", 512), ("rank", True),
+    ("checkpoint_interval", 50), ("checkpoint_interval", 5000),
+    ("lr_warmup_steps", -1), ("lr_warmup_steps", 1001),
+    ("lr_scheduler", "exponential"), ("lr_scheduler", 3),
+    ("max_train_steps", 100),
+])
+def test_each_invalid_field_is_400_naming_it(api, dataset_id, field, value):
+    model_id = create_model(api, dataset_id)
+    response = api.post(f"/models/{model_id}/start_training", json={field: value})
+    assert response.status_code == 400, response.text
+    errors = response.json()["errors"]
+    assert [e["field_name"] for e in errors] == [field]
+    assert set(errors[0]) == {"msg", "field_name", "field_input"} and errors[0]["field_input"] == str(value)
+    assert api.get(f"/models/{model_id}").json()["status"] == "Created"  # nothing was claimed
+
+
+def test_a_body_that_is_not_a_json_object_is_400(api, dataset_id):
+    model_id = create_model(api, dataset_id)
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        response = api.post(f"/models/{model_id}/start_training", content=raw,
+                            headers={"content-type": "application/json"})
+        assert response.status_code == 400 and response.json()["errors"][0]["field_name"] == "body"
+
+
+def test_advanced_parameters_for_a_fully_automated_model_are_400_with_a_message(api, dataset_id):
+    model_id = create_model(api, dataset_id, mode="fully_automated")
+    response = api.post(f"/models/{model_id}/start_training", json={"rank": 64})
+    assert response.status_code == 400
+    assert response.json()["message"].startswith(
+        "Advanced training parameters are only supported when training_mode is set to 'expert'.")
+
+
+def test_an_empty_body_takes_every_default(api, dataset_id):
+    model_id = create_model(api, dataset_id, mode="fully_automated")
+    response = api.post(f"/models/{model_id}/start_training")
+    assert response.status_code == 200
+    assert response.json()["training_parameters"]["total_training_steps"] == 750
+    _stop(api, model_id)
+
+
+def test_twenty_concurrent_starts_give_exactly_one_200(server, dataset_id):
+    with client(server.url) as api:
+        model_id = create_model(api, dataset_id)
+    barrier = threading.Barrier(20)
+    codes: list[int] = []
+
+    def start():
+        with client(server.url) as own:
+            barrier.wait()
+            codes.append(own.post(f"/models/{model_id}/start_training").status_code)
+
+    threads = [threading.Thread(target=start) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [200] + [409] * 19
+    with client(server.url) as api:
+        with server.service.db.transaction() as session:
+            from tailoredgen_train.service.db import TrainingJob
+            assert session.query(TrainingJob).filter_by(model_id=model_id).count() == 1  # one process launched
+        _stop(api, model_id)
+
+
+# ---- stop and delete ---------------------------------------------------------------------------
+
+def test_stop_moves_in_progress_through_stopping_to_stopped(api, dataset_id):
+    model_id = create_model(api, dataset_id)
+    api.post(f"/models/{model_id}/start_training")
+    stopping = api.post(f"/models/{model_id}/stop_training")
+    assert stopping.status_code == 200 and stopping.json()["status"] == "Stopping"
+    assert wait_for_status(api, model_id, {"Stopped"}, timeout=60)["status"] == "Stopped"
+    again = api.post(f"/models/{model_id}/stop_training")
+    assert again.status_code == 409 and "not in training" in again.json()["message"]
+
+
+def test_stopping_a_model_that_never_started_is_409(api, dataset_id):
+    model_id = create_model(api, dataset_id)
+    response = api.post(f"/models/{model_id}/stop_training")
+    assert response.status_code == 409
+
+
+def test_delete_while_training_is_409_and_after_stopping_is_204(api, dataset_id):
+    model_id = create_model(api, dataset_id)
+    api.post(f"/models/{model_id}/start_training")
+    refused = api.delete(f"/models/{model_id}")
+    assert refused.status_code == 409 and "in training" in refused.json()["message"]
+    _stop(api, model_id)
+    assert api.delete(f"/models/{model_id}").status_code == 204
+    assert api.get(f"/models/{model_id}").status_code == 404
+    assert model_id not in [m["id"] for m in api.get("/models").json()]
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+def _draft_dataset(api, version="fibo", **extra):
+    project = api.post("/projects", json={"project_name": "p", "ip_medium": "illustration", "ip_type": "icons"})
+    response = api.post("/datasets", json={"project_id": project.json()["id"], "name": "d",
+                                           "training_version": version, **extra})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def test_a_completed_dataset_is_frozen(api, dataset_id):
+    row = sample_rows()[5]
+    image_id = api.get(f"/datasets/{dataset_id}/images").json()[0]["id"]
+    path = f"/datasets/{dataset_id}/images"
+    attempts = [
+        api.post(path, files={"file": ("x.png", _png(256, 256))}, data={"caption": json.dumps(row["caption"])}),
+        api.put(f"{path}/{image_id}", json={"caption": '{"short_description": "changed"}'}),
+        api.delete(f"{path}/{image_id}"),
+        api.put(f"/datasets/{dataset_id}", json={"status": "draft"}),
+    ]
+    for response in attempts:
+        assert response.status_code == 409, response.text
+    assert api.get(f"/datasets/{dataset_id}").json()["images_count"] == 5
+
+
+def test_a_completed_legacy_dataset_refuses_a_new_caption_prefix(api):
+    dataset_id = _draft_dataset(api, "3.2", caption_prefix="A flat illustration of")
+    # bria-3.2 runs on the engine defaults here: min_side 256
+    uploaded = api.post(f"/datasets/{dataset_id}/images", files={"file": ("a.png", _png(256, 300))},
+                        data={"caption": "a dot"})
+    assert uploaded.status_code == 201, uploaded.text
+    assert api.put(f"/datasets/{dataset_id}", json={"caption_prefix": "A photo of"}).status_code == 200  # draft
+    assert api.put(f"/datasets/{dataset_id}", json={"status": "completed"}).status_code == 200
+    assert api.put(f"/datasets/{dataset_id}", json={"caption_prefix": "A sketch of"}).status_code == 409
+    assert api.put(f"/datasets/{dataset_id}", json={"name": "renamed"}).json()["name"] == "renamed"
+
+
+def test_completing_needs_five_fibo_images(api):
+    dataset_id = _draft_dataset(api)
+    for row in sample_rows()[:4]:
+        upload_sample(api, dataset_id, row)
+    refused = api.put(f"/datasets/{dataset_id}", json={"status": "completed"})
+    assert refused.status_code == 409 and "insufficient images" in refused.json()["message"]
+    upload_sample(api, dataset_id, sample_rows()[4])
+    assert api.put(f"/datasets/{dataset_id}", json={"status": "completed"}).json()["status"] == "completed"
+
+
+def test_completing_an_empty_legacy_dataset_is_409(api):
+    dataset_id = _draft_dataset(api, "3.2")
+    assert api.put(f"/datasets/{dataset_id}", json={"status": "completed"}).status_code == 409
+
+
+def test_completing_with_an_uncaptioned_image_is_409_naming_it(api):
+    dataset_id = _draft_dataset(api)
+    for row in sample_rows()[:4]:
+        upload_sample(api, dataset_id, row)
+    bare = api.post(f"/datasets/{dataset_id}/images", files={"file": ("bare.png", _png(128, 128))}).json()
+    assert bare["caption"] is None and bare["caption_source"] == "pending"
+    refused = api.put(f"/datasets/{dataset_id}", json={"status": "completed"})
+    assert refused.status_code == 409 and str(bare["id"]) in refused.json()["message"]
+
+
+def test_an_image_below_the_minimum_side_is_412(api):
+    dataset_id = _draft_dataset(api)
+    response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("tiny.png", _png(63, 400))})
+    assert response.status_code == 412 and "63x400" in response.json()["message"]
+    assert api.get(f"/datasets/{dataset_id}").json()["images_count"] == 0
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image at all", _png(128, 128)[:60],
+                                     b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"])
+def test_a_file_that_is_not_a_usable_image_is_415(api, payload):
+    dataset_id = _draft_dataset(api)
+    response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("x.png", payload)})
+    assert response.status_code == 415, response.text
+    leftovers = [p.name for p in _SERVER["server"].service.dataset_dir(dataset_id).iterdir()]
+    assert leftovers == []  # the staged upload is gone
+
+
+@pytest.mark.parametrize("caption", ["not json", "[1, 2]", '{"a": NaN}', "   "])
+def test_a_fibo_caption_must_be_a_json_object(api, caption):
+    dataset_id = _draft_dataset(api)
+    response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("x.png", _png(128, 128))},
+                        data={"caption": caption})
+    assert response.status_code == 400 and response.json()["errors"][0]["field_name"] == "caption"
+
+
+def test_caption_update_validates_and_stores_compact_json(api):
+    dataset_id = _draft_dataset(api)
+    image = upload_sample(api, dataset_id, sample_rows()[0]).json()
+    path = f"/datasets/{dataset_id}/images/{image['id']}"
+    assert api.put(path, json={"caption": "{broken"}).status_code == 400
+    assert api.put(path, json={"caption": "{}", "regenerate_caption": True}).status_code == 400
+    assert api.put(path, json={"caption": '{ "a" : 1 }'}).json()["caption"] == '{"a":1}'
+
+
+def test_project_locking_and_dataset_rules_are_400(api):
+    project = api.post("/projects", json={"project_name": "p", "ip_medium": "illustration", "ip_type": "other",
+                                          "training_version": "fibo"}).json()
+    legacy = api.post("/datasets", json={"project_id": project["id"], "name": "d", "training_version": "3.2"})
+    assert legacy.status_code == 400 and legacy.json()["errors"][0]["field_name"] == "training_version"
+    prefixed = api.post("/datasets", json={"project_id": project["id"], "name": "d", "training_version": "fibo",
+                                           "caption_prefix": "A photo of"})
+    assert prefixed.status_code == 400 and prefixed.json()["errors"][0]["field_name"] == "caption_prefix"
+    # 2.3 has no --base in this server
+    project2 = api.post("/projects", json={"project_name": "q", "ip_medium": "illustration", "ip_type": "other"})
+    response = api.post("/datasets", json={"project_id": project2.json()["id"], "name": "d",
+                                           "training_version": "2.3"})
+    assert response.status_code == 400 and "does not train" in response.json()["errors"][0]["msg"]
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/projects", {"project_name": "p", "ip_medium": "video", "ip_type": "other"}, "ip_medium"),
+    ("/projects", {"project_name": "p", "ip_medium": "photography", "ip_type": "icons"}, "ip_type"),
+    ("/projects", {"project_name": "p", "ip_medium": "illustration", "ip_type": "defined_character"}, "ip_name"),
+    ("/projects", {"ip_medium": "photography", "ip_type": "other"}, "project_name"),
+    ("/datasets", {"project_id": "one", "name": "d"}, "project_id"),
+    ("/datasets", {"project_id": 1, "name": "d", "training_version": "9.9"}, "training_version"),
+    ("/datasets", {"project_id": 1, "name": "d", "colour": "red"}, "colour"),
+    ("/models", {"name": "m", "dataset_id": 1, "training_mode": "turbo"}, "training_mode"),
+    ("/models", {"name": "", "dataset_id": 1}, "name"),
+    ("/models", {"name": "m\x00", "dataset_id": 1}, "name"),
+    ("/models", {"name": "m", "dataset_id": 2**70}, "dataset_id"),
+])
+def test_invalid_bodies_get_bria_400_not_422(api, path, body, field):
+    response = api.post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert field in [e["field_name"] for e in response.json()["errors"]]
+
+
+def test_a_fibo_model_on_a_legacy_dataset_is_400(api):
+    dataset_id = _draft_dataset(api, "3.2")
+    response = api.post("/models", json={"name": "m", "dataset_id": dataset_id, "training_version": "fibo"})
+    assert response.status_code == 400 and response.json()["errors"][0]["field_name"] == "training_version"
+
+
+# ---- checkpoints and download before training ended ---------------------------------------------
+
+def test_checkpoints_are_for_expert_models_and_download_needs_completion(api, dataset_id):
+    automated = create_model(api, dataset_id, mode="fully_automated")
+    assert api.get(f"/models/{automated}/checkpoints").status_code == 400
+    expert = create_model(api, dataset_id)
+    assert api.get(f"/models/{expert}/checkpoints").json() == {"checkpoints": [], "active_model_version": "default"}
+    response = api.get(f"/models/{expert}/download")
+    assert response.status_code == 400 and "not completed" in response.json()["message"]
+
+
+def test_a_download_link_needs_its_signature(server):
+    service = server.service
+    path = "/tailored-gen/files/models/1/checkpoints/100/pytorch_lora_weights.safetensors"
+    expires, signature = service.signer.sign(path, 60)
+    with client(server.url, token=None) as anonymous:
+        url = path.removeprefix("/tailored-gen")
+        assert anonymous.get(url, params={"expires": expires, "signature": "0" * 64}).status_code == 401
+        assert anonymous.get(url, params={"expires": expires + 1, "signature": signature}).status_code == 401
+        # a valid signature passes authentication; the file itself does not exist here
+        assert anonymous.get(url, params={"expires": expires, "signature": signature}).status_code == 404
+
+
+# ---- 500 and docs ------------------------------------------------------------------------------
+
+def test_an_internal_failure_is_500_with_a_request_id_and_no_internals(server, dataset_id, caplog, monkeypatch):
+    def explode(job):
+        raise RuntimeError("secret-internal-detail /srv/private/path")
+    monkeypatch.setattr(server.service.runner.backend, "submit", explode)
+    caplog.set_level("INFO")
+    with client(server.url) as api:
+        model_id = create_model(api, dataset_id)
+        response = api.post(f"/models/{model_id}/start_training")
+        assert response.status_code == 500
+        body = response.json()
+        assert set(body) == {"message", "request_id"} and "secret" not in response.text
+        assert response.headers["X-Request-ID"] == body["request_id"]
+        assert any(body["request_id"] in r.getMessage() and r.exc_info for r in caplog.records)
+        failed = api.get(f"/models/{model_id}").json()
+        assert failed["status"] == "Failed" and failed["error"]["code"] == "launch_failed"
+
+
+def test_openapi_and_docs_are_served(server):
+    with client(server.url, token=None) as anonymous:
+        spec = anonymous.get(f"{server.url}/openapi.json").json()
+        assert anonymous.get(f"{server.url}/docs").status_code == 200
+    assert "/tailored-gen/models/{model_id}/start_training" in spec["paths"]
+    start = spec["paths"]["/tailored-gen/models/{model_id}/start_training"]["post"]
+    assert "rank" in start["requestBody"]["content"]["application/json"]["schema"]["properties"]
