@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default="tailoredgen-data", help="SQLite database, datasets and run folders")
-    serve.add_argument("--db", help="SQLAlchemy URL (default: sqlite in --data-dir); PostgreSQL serves several instances")
+    serve.add_argument("--db", help="SQLAlchemy URL (default: sqlite in --data-dir); PostgreSQL serves "
+                       "several instances")
     serve.add_argument("--base", action="append", default=[], metavar="FAMILY=PATH_OR_ID",
                        help="base model of a family, e.g. --base fibo=runs/tiny-fibo-base (repeatable)")
     serve.add_argument("--engine-config", action="append", default=[], metavar="FAMILY=YAML",

@@ -469,3 +469,42 @@ def test_openapi_and_docs_are_served(server):
     assert "/tailored-gen/models/{model_id}/start_training" in spec["paths"]
     start = spec["paths"]["/tailored-gen/models/{model_id}/start_training"]["post"]
     assert "rank" in start["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+# ---- 429 ---------------------------------------------------------------------------------------
+
+def test_a_token_over_its_request_rate_gets_429_with_retry_after(tmp_path, tiny_fibo_base):
+    settings = settings_for(tmp_path, tiny_fibo_base, rate_limit_per_minute=5)
+    with ThreadServer(settings, SleepingBackend()) as limited:
+        with client(limited.url) as api, client(limited.url, token=OTHER_TOKEN) as other:
+            assert [api.get("/models").status_code for _ in range(5)] == [200] * 5
+            refused = api.get("/models")
+            assert refused.status_code == 429
+            assert 1 <= int(refused.headers["Retry-After"]) <= 60
+            assert "Request limit exceeded" in refused.json()["message"]
+            assert other.get("/models").status_code == 200  # the limit is per token
+
+
+def test_a_token_over_its_training_cap_gets_429_and_others_still_start(tmp_path, tiny_fibo_base):
+    backend = SleepingBackend()
+    settings = settings_for(tmp_path, tiny_fibo_base, max_concurrent_trainings=1)
+    with ThreadServer(settings, backend) as capped:
+        with client(capped.url) as api, client(capped.url, token=OTHER_TOKEN) as other:
+            dataset_id = completed_fibo_dataset(api)
+            first, second, third = (create_model(api, dataset_id) for _ in range(3))
+            assert api.post(f"/models/{first}/start_training").status_code == 200
+            refused = api.post(f"/models/{second}/start_training")
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
+            assert api.get(f"/models/{second}").json()["status"] == "Created"  # the claim was rolled back
+            assert api.post(f"/models/{first}/start_training").status_code == 409  # 409 wins over 429
+            assert other.post(f"/models/{third}/start_training").status_code == 200
+            _stop_with(api, first)
+            assert api.post(f"/models/{second}/start_training").status_code == 200  # a slot is free again
+            _stop_with(api, second)
+            _stop_with(other, third)
+    _stop_all(backend)
+
+
+def _stop_with(api, model_id):
+    assert api.post(f"/models/{model_id}/stop_training").status_code == 200
+    wait_for_status(api, model_id, {"Stopped"}, timeout=60)

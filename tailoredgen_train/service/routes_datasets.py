@@ -98,9 +98,11 @@ def create_project(body: ProjectCreate, request: Request) -> dict:
     if body.ip_type == "defined_character" and not body.ip_name:
         raise InvalidParameterError.single("ip_name", "", "ip_name is required when ip_type is defined_character")
     if body.ip_type in ("defined_character", "object_variants") and not body.ip_description:
-        raise InvalidParameterError.single("ip_description", "", f"ip_description is required when ip_type is {body.ip_type}")
+        raise InvalidParameterError.single("ip_description", "",
+                                           f"ip_description is required when ip_type is {body.ip_type}")
     if body.ip_type in ILLUSTRATION_ONLY and body.ip_medium != "illustration":
-        raise InvalidParameterError.single("ip_type", body.ip_type, f"ip_type {body.ip_type} needs ip_medium illustration")
+        raise InvalidParameterError.single("ip_type", body.ip_type,
+                                           f"ip_type {body.ip_type} needs ip_medium illustration")
     with service_of(request).db.transaction() as session:
         project = Project(**body.model_dump())
         session.add(project)
@@ -204,7 +206,8 @@ def _complete(service, session: Session, dataset: Dataset) -> None:
     report = validate_dataset(folder, caption_format="json" if kind == "fibo" else "text", min_side=config.min_side,
                               max_pixels=config.max_pixels, caption_prefix=dataset.caption_prefix)
     if not report.ok:
-        raise ConflictError(f"Cannot complete dataset {dataset.id}: it fails the training preflight:\n{report.format()}")
+        raise ConflictError(f"Cannot complete dataset {dataset.id}: it fails the training preflight:\n"
+                            f"{report.format()}")
     dataset.status = "completed"
 
 

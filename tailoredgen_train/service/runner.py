@@ -77,7 +77,8 @@ class JobRunner:
         try:
             handle = self.backend.submit(job)
         except Exception as exc:
-            self._settle(model_id, None, "Failed", code="launch_failed", message=f"the job could not be launched: {exc}")
+            self._settle(model_id, None, "Failed", code="launch_failed",
+                         message=f"the job could not be launched: {exc}")
             raise
         with self.db.transaction() as session:
             session.add(TrainingJob(model_id=model_id, attempt=attempt, run_dir=str(job.output_dir),
@@ -135,8 +136,9 @@ class JobRunner:
         self._record_checkpoints(model_id, job)
         handle = _handle(job)
         if self.backend.is_running(handle):
-            if status == "Stopping" and stop_requested_at and time.time() - stop_requested_at > self.settings.stop_grace_s:
-                log.warning("model %s: job did not stop within %.0f s; killing it", model_id, self.settings.stop_grace_s)
+            grace = self.settings.stop_grace_s
+            if status == "Stopping" and stop_requested_at and time.time() - stop_requested_at > grace:
+                log.warning("model %s: job did not stop within %.0f s; killing it", model_id, grace)
                 self.backend.kill(handle)
             return
         self._record_checkpoints(model_id, job)  # the last one may have landed just before the exit
@@ -157,7 +159,9 @@ class JobRunner:
             return
         attempts = job.attempt if job else 0
         if self.settings.lost_jobs == "resume" and job is not None and attempts - 1 < self.settings.max_resume_attempts:
-            spec = JobSpec.from_dict(json.loads((Path(job.run_dir) / "job.json").read_text()))
+            raw = json.loads((Path(job.run_dir) / "job.json").read_text())
+            raw.pop("engine_version", None)  # the engine stamps its version into the job.json it keeps
+            spec = JobSpec.from_dict(raw)
             spec.resume, spec.overwrite = True, False
             self._end_job(job.id, "lost")
             log.warning("model %s: its job is gone without a result; resuming from its last checkpoint", model_id)

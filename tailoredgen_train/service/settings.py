@@ -52,7 +52,8 @@ class ServiceSettings:
         if any(len(t) < 8 for t in self.tokens):
             raise ConfigError("every API token must be at least 8 characters long")
         if not self.bases:
-            raise ConfigError("no base model configured: pass --base FAMILY=PATH_OR_ID, e.g. --base fibo=runs/tiny-fibo-base")
+            raise ConfigError("no base model configured: pass --base FAMILY=PATH_OR_ID, "
+                              "e.g. --base fibo=runs/tiny-fibo-base")
         if self.launcher not in ("local", "slurm"):
             raise ConfigError(f"launcher must be 'local' or 'slurm', not {self.launcher!r}")
         if self.lost_jobs not in ("resume", "fail"):
