@@ -508,3 +508,27 @@ def test_a_token_over_its_training_cap_gets_429_and_others_still_start(tmp_path,
 def _stop_with(api, model_id):
     assert api.post(f"/models/{model_id}/stop_training").status_code == 200
     wait_for_status(api, model_id, {"Stopped"}, timeout=60)
+
+
+# ---- the rest of the surface -------------------------------------------------------------------
+
+def test_draft_images_can_be_listed_limited_and_deleted(api):
+    dataset_id = _draft_dataset(api)
+    ids = [upload_sample(api, dataset_id, row).json()["id"] for row in sample_rows()[:3]]
+    assert [i["id"] for i in api.get(f"/datasets/{dataset_id}", params={"max_images": 2}).json()["images"]] == ids[:2]
+    stored = _SERVER["server"].service.dataset_dir(dataset_id)
+    assert len(list(stored.iterdir())) == 3
+    assert api.delete(f"/datasets/{dataset_id}/images/{ids[0]}").status_code == 204
+    assert [i["id"] for i in api.get(f"/datasets/{dataset_id}/images").json()] == ids[1:]
+    assert len(list(stored.iterdir())) == 2 and api.get(f"/datasets/{dataset_id}/images/{ids[0]}").status_code == 404
+
+
+def test_models_can_be_renamed_and_listed_without_parameters(api, dataset_id):
+    model_id = create_model(api, dataset_id)
+    renamed = api.put(f"/models/{model_id}", json={"name": "mascot v2", "description": "second try"}).json()
+    assert (renamed["name"], renamed["description"]) == ("mascot v2", "second try")
+    assert api.put(f"/models/{model_id}", json={"training_mode": "expert"}).status_code == 400  # not updatable
+    listed = {m["id"]: m for m in api.get("/models").json()}
+    assert "training_parameters" not in listed[model_id]
+    detailed = {m["id"]: m for m in api.get("/models", params={"include_training_parameters": True}).json()}
+    assert detailed[model_id]["training_parameters"] == {} and detailed[model_id]["checkpoint_steps"] == []
