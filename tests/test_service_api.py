@@ -532,3 +532,14 @@ def test_models_can_be_renamed_and_listed_without_parameters(api, dataset_id):
     assert "training_parameters" not in listed[model_id]
     detailed = {m["id"]: m for m in api.get("/models", params={"include_training_parameters": True}).json()}
     assert detailed[model_id]["training_parameters"] == {} and detailed[model_id]["checkpoint_steps"] == []
+
+
+def test_an_engine_failure_is_recorded_with_the_engine_s_code(tmp_path, tiny_fibo_base):
+    # a real job process (the local backend, not the stand-in) on a base that does not exist
+    settings = settings_for(tmp_path, tiny_fibo_base, bases={"fibo": str(tmp_path / "no-such-base")})
+    with ThreadServer(settings) as broken, client(broken.url) as api:
+        model_id = create_model(api, completed_fibo_dataset(api))
+        assert api.post(f"/models/{model_id}/start_training").status_code == 200
+        failed = wait_for_status(api, model_id, {"Failed", "Completed"}, timeout=120)
+    assert failed["status"] == "Failed" and failed["error"]["code"] == "base_model_invalid"
+    assert "no-such-base" in failed["error"]["message"]
