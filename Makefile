@@ -1,5 +1,6 @@
 # make demo: set up .venv and train the embedded tiny FIBO base on the sample dataset (CPU is fine);
 #            make demo VERSION=3.2 / VERSION=2.3 does the same for a legacy family.
+# make serve: the HTTP service on the tiny FIBO base at http://127.0.0.1:8000 (docs at /docs).
 # make test: set up .venv and run the whole test suite (what CI runs through .ci/run).
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +24,7 @@ DEMO_OUT := runs/demo-$(VERSION)
 DEMO_DATA := --dataset tailoredgen_train/data/sample_dataset_text --caption-prefix "A minimalist flat illustration of"
 endif
 
-.PHONY: setup demo test bench-tiny clean
+.PHONY: setup demo serve test bench-tiny clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,12 @@ demo: $(STAMP)
 		--training-version $(VERSION) --training-mode expert \
 		--total-training-steps 200 --checkpoint-interval 100 \
 		--config configs/$(FAMILY)-tiny.yaml
+
+# the HTTP service on the tiny FIBO base (see README, "The HTTP service"); set TAILOREDGEN_API_TOKENS
+serve: $(STAMP)
+	$(PY) -m tailoredgen_train make-tiny-base --family fibo runs/tiny-fibo-base
+	TAILOREDGEN_API_TOKENS=$${TAILOREDGEN_API_TOKENS:-dev-token-change-me} $(PY) -m tailoredgen_train serve \
+		--data-dir runs/service --base fibo=runs/tiny-fibo-base --engine-config fibo=configs/fibo-tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
