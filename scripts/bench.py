@@ -1,67 +1,81 @@
-"""Time the engine's training step through the same code path `train` uses (run_training).
+"""Time the engine's FIBO training step against Bria's published recipe, through the code path `train` uses.
 
-    python scripts/bench.py --base runs/tiny-fibo-base --steps 30 [--config configs/fibo-tiny.yaml]
+    python scripts/bench.py --size tiny --recipe both             # CPU-sized: tiny FIBO base
+    python scripts/bench.py --size full --recipe both             # one GPU: random full-size FIBO, 1024^2, 1536 tokens
+    python scripts/bench.py --size full --recipe engine --low-memory
+    python scripts/bench.py --size full --layers 1 --text-layers 1 --resolution 64 --text-tokens 48 --rank 8  # CPU smoke
 
-Prints one JSON line: median seconds per optimizer step after warm-up, peak memory, device.
-Speed and memory targets live here, never in the tests. (Full-size FIBO with random weights and
-the reference recipe side by side are the GPU-speed issue's work.)
+Prints one JSON line per recipe (s_per_step = median of the timed steps after warm-up; each step
+ends in its loss read-back because log_every is 1) and, for `both`, a last line with
+ratio_reference_over_engine. Speed targets live in docs/PERFORMANCE.md, never in tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
+import logging
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tailoredgen_train.config import load_engine_config
-from tailoredgen_train.contract import TrainingParameters
-from tailoredgen_train.data import SAMPLE_DATASET_DIR
-from tailoredgen_train.recipe import JobSpec, run_training
+import torch  # noqa: E402
+
+from tailoredgen_train.benchmark import BenchOptions, run_recipe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="diffusers-format FIBO directory (e.g. runs/tiny-fibo-base)")
-    parser.add_argument("--dataset", default=str(SAMPLE_DATASET_DIR))
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "fibo-tiny.yaml"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the median")
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--recipe", choices=("engine", "reference", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 tiny, 5 full)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 tiny, 2 full)")
     parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--low-memory", action="store_true",
+                        help="engine: checkpoint every block, 8-bit AdamW (bitsandbytes) or CPU-offloaded states")
+    parser.add_argument("--compile", action="store_true", help="engine: regional torch.compile of the blocks (CUDA)")
+    parser.add_argument("--resolution", type=int, default=None, help="image side (default 1024 full, 128 tiny)")
+    parser.add_argument("--text-tokens", type=int, default=None, help="caption tokens (default 1536 full, 256 tiny)")
+    parser.add_argument("--layers", type=int, default=None, help="full: N dual + N single blocks (smoke tests)")
+    parser.add_argument("--text-layers", type=int, default=None, help="full: text-encoder depth (smoke tests)")
+    parser.add_argument("--images", type=int, default=2, help="synthetic images in the dataset")
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="steps between loss read-backs; above 1 the per-step times are host times")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="engine config override for the engine recipe, e.g. run.gradient_checkpointing=8")
+    parser.add_argument("--workdir", default=None, help="keep the synthetic data and caches here")
     args = parser.parse_args(argv)
-    if args.steps <= args.warmup:
-        parser.error("--steps must exceed --warmup")
+    full = args.size == "full"
+    steps = args.steps if args.steps is not None else (5 if full else 10)
+    warmup = args.warmup if args.warmup is not None else (2 if full else 3)
+    if steps < 1 or warmup < 0:
+        parser.error("--steps must be 1 or more and --warmup 0 or more")
+    if not full and (args.layers or args.text_layers):
+        parser.error("--layers/--text-layers shrink the full-size model; the tiny base has its own sizes")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if torch.cuda.is_available():
+        # cuDNN SDPA's backward crashes at FIBO shapes (h100-measurements.md); make_accelerator does the same
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
-    engine = load_engine_config(args.config, ["run.log_with=none", *args.overrides])
-    params = TrainingParameters(learning_rate=1e-4, lr_scheduler="constant", rank=args.rank,
-                                total_training_steps=args.steps, checkpoint_interval=args.steps, lr_warmup_steps=None)
-    with tempfile.TemporaryDirectory() as output:
-        result = run_training(JobSpec(base=args.base, dataset_dir=args.dataset, output_dir=output,
-                                      training_version="fibo", params=params, engine=engine))
-    timed = [r.seconds for r in result.history[args.warmup:]]
-    cuda = torch.cuda.is_available()
-    report = {
-        "recipe": "engine",
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "base": args.base,
-        "rank": args.rank,
-        "resolution": engine.data.resolution,
-        "batch_size": engine.data.batch_size,
-        "gradient_checkpointing": engine.run.gradient_checkpointing,
-        "steps_timed": len(timed),
-        "s_per_step": round(statistics.median(timed), 5),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda
-                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "peak_kind": "cuda_allocated" if cuda else "process_max_rss",
-        "torch": torch.__version__,
-    }
-    print(json.dumps(report))
+    options = BenchOptions(size=args.size, steps=steps, warmup=warmup, rank=args.rank, low_memory=args.low_memory,
+                           compile_blocks=args.compile, resolution=args.resolution, text_tokens=args.text_tokens,
+                           layers=args.layers, text_layers=args.text_layers, images=args.images,
+                           log_every=args.log_every, overrides=tuple(args.overrides))
+    recipes = ["engine", "reference"] if args.recipe == "both" else [args.recipe]
+    with tempfile.TemporaryDirectory(prefix="tg-bench-") as scratch:
+        work = Path(args.workdir or scratch)
+        reports = {}
+        for recipe in recipes:
+            reports[recipe] = run_recipe(recipe, options, work)
+            print(json.dumps(reports[recipe]), flush=True)
+    if len(reports) == 2:
+        engine, reference = reports["engine"], reports["reference"]
+        print(json.dumps({
+            "ratio_reference_over_engine": round(reference["s_per_step"] / engine["s_per_step"], 3),
+            "size": args.size, "device": engine["device"], "engine_profile": engine["profile"],
+        }), flush=True)
     return 0
 
 

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # The short GPU check: the demo's training on CUDA (bf16 base, fp32 LoRA, fused AdamW, cuDNN SDPA
 # off), the LoRA loaded back into BriaFiboPipeline on the GPU, and the tiny benchmark.
-# Usage on a GPU machine with torch, transformers, accelerate, peft and diffusers installed:
+# Usage on a GPU machine with torch, transformers, accelerate, peft and diffusers installed (the
+# device image lacks diffusers: carry the wheels in .whl/ and `pip install --no-deps --target /tmp/site`):
 #   bash scripts/gpu_check.sh [OUT_DIR]
+#   FULL_BENCH=1 bash scripts/gpu_check.sh      # then also the full-size FIBO benchmark (two runs, each meant to take < 5 min)
+#   FULL_BENCH=only bash scripts/gpu_check.sh   # only the full-size FIBO benchmark
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-check}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 rm -rf "$out"; mkdir -p "$out"
+full_bench() {
+  # random-weight full-size FIBO, 1024^2, 1536-token caption, r=128: engine vs Bria's recipe, then low memory
+  python3 scripts/bench.py --size full --recipe both 2> "$out/bench-full.log" | tee "$out/bench-full.jsonl"
+  python3 scripts/bench.py --size full --recipe engine --low-memory 2> "$out/bench-low-memory.log" \
+      | tee "$out/bench-low-memory.jsonl"
+}
+if [ "${FULL_BENCH:-0}" = only ]; then
+  full_bench
+  echo GPU_CHECK_OK
+  exit 0
+fi
 python3 - <<'PY'
 import torch, diffusers, transformers, peft, accelerate
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
@@ -37,8 +51,7 @@ print(json.dumps({"lora_changes_output_max_abs": delta, "finite": bool(torch.isf
 assert delta > 1e-3 and torch.isfinite(lora).all()
 print("cudnn_sdp_enabled_in_process_default", torch.backends.cuda.cudnn_sdp_enabled())
 PY
-python3 scripts/bench.py --base "$out/base" --steps 40 2>/dev/null | tail -1
-python3 scripts/bench.py --base "$out/base" --steps 40 --set data.batch_size=4 2>/dev/null | tail -1
+python3 scripts/bench.py --size tiny --recipe both --steps 40 --warmup 5 2>/dev/null
 # the legacy families in bf16: T5 keeps its wo layers fp32, the VAEs stay fp32
 for family in bria-3.2 bria-2.3; do
   version=${family#bria-}
@@ -69,4 +82,7 @@ report = {"bria-3.2": (lora - base).abs().max().item(), "bria-2.3": (sdxl_lora -
 print(json.dumps({"lora_changes_output_max_abs": report}))
 assert all(v > 1e-3 for v in report.values()) and torch.isfinite(lora).all() and torch.isfinite(sdxl_lora).all()
 PY
+if [ "${FULL_BENCH:-0}" = 1 ]; then
+  full_bench
+fi
 echo GPU_CHECK_OK

@@ -64,8 +64,13 @@ class OptimConfig:
     """Power of the polynomial schedule."""
     max_consecutive_nonfinite: int = 3
     """Non-finite steps in a row that are skipped before the run fails with non_finite_loss."""
+    optimizer: Literal["adamw", "adamw_8bit", "adamw_cpu_offload"] = "adamw"
+    """adamw: torch AdamW (fused on CUDA). adamw_8bit: bitsandbytes' 8-bit states (needs bitsandbytes).
+    adamw_cpu_offload: fp32 master weights and states in host memory, stepped on the CPU (slow, small)."""
 
     def __post_init__(self) -> None:
+        _require(self.optimizer in ("adamw", "adamw_8bit", "adamw_cpu_offload"), "optim.optimizer", self.optimizer,
+                 "use adamw, adamw_8bit (needs bitsandbytes) or adamw_cpu_offload")
         _require(self.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps",
                  self.gradient_accumulation_steps, "use 1 or more")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, "use 0 (off) or a positive norm")
@@ -102,8 +107,16 @@ class RunConfig:
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """auto: bf16 on an accelerator, fp32 on CPU. fp16 is refused: flow DiTs overflow in it."""
-    gradient_checkpointing: bool = False
-    """Trade compute for memory; full FIBO at 1024^2 needs it below ~65 GiB."""
+    gradient_checkpointing: bool | int | str = False
+    """Trade compute for memory (full FIBO at 1024^2 needs it below ~65 GiB): false, true (every
+    block), N (checkpoint N transformer blocks, keep the others' activations) or "auto" (as many
+    blocks as the device's free memory requires; none on CPU)."""
+    compile_blocks: bool = False
+    """Regional torch.compile of each transformer block (CUDA only; ignored with a warning on CPU)."""
+    host_sync: Literal["auto", "step", "log"] = "auto"
+    """When a step waits for the device to read its loss back: "step" every step; "log" only on
+    logging/checkpoint steps, non-finite steps then being skipped on the device (fused AdamW on CUDA
+    only); "auto" picks "log" where that is possible."""
     allow_tf32: bool = True
     log_every: int = 10
     """Optimizer steps between tracker/log lines (the progress bar updates every step)."""
@@ -123,6 +136,12 @@ class RunConfig:
         _require(isinstance(self.seed, int) and self.seed >= 0, "run.seed", self.seed, "use a non-negative integer")
         _require(self.stop_after_steps is None or self.stop_after_steps >= 1, "run.stop_after_steps",
                  self.stop_after_steps, "use 1 or more, or null for the full run")
+        policy = self.gradient_checkpointing
+        _require(isinstance(policy, bool) or policy == "auto" or (isinstance(policy, int) and policy >= 0),
+                 "run.gradient_checkpointing", policy, 'use true, false, "auto" or a number of blocks (0 or more)')
+        _require(isinstance(self.compile_blocks, bool), "run.compile_blocks", self.compile_blocks, "use true or false")
+        _require(self.host_sync in ("auto", "step", "log"), "run.host_sync", self.host_sync,
+                 "use auto, step (read the loss back every step) or log (only on logging steps)")
 
 
 @dataclass(kw_only=True)

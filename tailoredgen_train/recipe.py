@@ -28,6 +28,7 @@ from .engine.checkpoint import Checkpointer, Storage
 from .engine.preemption import StopFlag
 from .engine.lora import add_lora, lora_signature, trainable_parameters
 from .engine.schedule import build_lr_scheduler
+from .engine.speed import apply_block_policy, build_optimizer, bytes_of, resolve_checkpointing, resolve_host_sync
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
 from .errors import IncompatibleDatasetError, Preempted, ResumeError
 from .families import family_for_version, load_version_map
@@ -113,7 +114,7 @@ def _find_resume_state(checkpointer: Checkpointer) -> Path | None:
     return latest
 
 
-def _make_accelerator(config: EngineConfig, output_dir: Path) -> Accelerator:
+def make_accelerator(config: EngineConfig, output_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         # without a GPU, accelerate forms a gloo group only when told it runs on CPU
         cpu=not torch.cuda.is_available(),
@@ -149,6 +150,90 @@ def _cache_features(family, model, samples, buckets, config: EngineConfig, outpu
     return cache, items, encoded
 
 
+def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
+@dataclass
+class TrainingSetup:
+    trainer: Trainer
+    items: list[CacheItem]
+    buckets: list[tuple[int, int]]
+    encoded: int
+    num_trainable: int
+    batches_per_epoch: int
+    checkpointing: int | bool
+    """Blocks that recompute their activations: True (all), False (none) or a count."""
+
+
+def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelerator, checkpointer: Checkpointer,
+                     stop_flag: StopFlag) -> TrainingSetup:
+    """From a loaded base to a ready Trainer: LoRA, feature cache, loader, optimizer, speed levers.
+    `train` and scripts/bench.py both go through here, so the benchmark times the real step."""
+    config, params = job.engine, job.params
+    output_dir = Path(job.output_dir)
+    targets = config.lora.target_modules or list(family.default_lora_targets)
+    num_trainable = add_lora(model.denoiser, rank=params.rank, targets=targets, init=config.lora.init)
+
+    buckets = scale_buckets(family.bucket_base, config.data.resolution, family.bucket_multiple)
+    cache, items, encoded = _cache_features(family, model, samples, buckets, config, output_dir, accelerator)
+
+    trainable = trainable_parameters(model.denoiser)
+    blocks = family.denoiser_blocks(model.denoiser)
+    block_bytes = None
+    if config.run.gradient_checkpointing == "auto":
+        estimates = [family.block_activation_bytes(model.denoiser, cache.shapes(item), config.data.batch_size)
+                     for item in items]
+        block_bytes = None if None in estimates else max(estimates, default=0)
+    checkpointing = resolve_checkpointing(config.run.gradient_checkpointing, device=accelerator.device,
+                                          num_blocks=len(blocks), block_bytes=block_bytes,
+                                          trainable_bytes=bytes_of(trainable), optimizer=config.optim.optimizer)
+    apply_block_policy(model.denoiser, blocks, checkpointing=checkpointing, compile_blocks=config.run.compile_blocks,
+                       device=accelerator.device)
+
+    sampler = BucketBatchSampler([item.bucket for item in items], config.data.batch_size, config.run.seed,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+    dataset = CachedFeatures(cache, items)
+    collate = CollateWithIndices(family.collate)
+
+    def batches_from(cursor: int):
+        # pinned host batches: the step's .to(device, non_blocking=True) copies overlap the host
+        return iter(torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler.iter_from(cursor), collate_fn=collate,
+            num_workers=config.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+        ))
+
+    optim = config.optim
+    optimizer = build_optimizer(trainable, learning_rate=params.learning_rate, config=config,
+                                device=accelerator.device)
+    # not passed to accelerator.prepare: its wrapper steps the schedule once per process
+    lr_scheduler = build_lr_scheduler(optimizer, params, optim)
+    denoiser = accelerator.prepare(model.denoiser)
+
+    identity = {
+        "family": family.name,
+        "base_fingerprint": model.fingerprint,
+        "lora": lora_signature(model.denoiser),
+        "training_parameters": params.to_dict(),
+        "engine_config": config.to_dict(),
+    }
+    trainer = Trainer(
+        family=family, denoiser=denoiser, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
+        batches_from=batches_from, checkpointer=checkpointer, identity=identity,
+        sample_ids=[item.sample.sample_id for item in items],
+        settings=TrainerSettings(
+            total_steps=params.total_training_steps, checkpoint_steps=params.checkpoint_steps(),
+            gradient_accumulation_steps=optim.gradient_accumulation_steps, max_grad_norm=optim.max_grad_norm,
+            seed=config.run.seed, log_every=config.run.log_every, log_samples=config.run.log_samples,
+            max_consecutive_nonfinite=optim.max_consecutive_nonfinite, stop_after_steps=config.run.stop_after_steps,
+            sync_every_step=resolve_host_sync(config.run.host_sync, optimizer, accelerator.device),
+        ),
+        stop_flag=stop_flag,
+    )
+    return TrainingSetup(trainer=trainer, items=items, buckets=buckets, encoded=encoded, num_trainable=num_trainable,
+                         batches_per_epoch=sampler.batches_per_epoch, checkpointing=checkpointing)
+
+
 def run_training(job: JobSpec, *, storage: Storage | None = None) -> TrainingResult:
     """Run one job to its last step. SIGTERM/SIGINT stop it at a step boundary (Preempted, after
     saving resume state); `storage` is the checkpoint file-system seam (tests inject faults)."""
@@ -170,7 +255,7 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
             "structured JSON and take no prefix. Drop the prefix or train a legacy version."
         )
     output_dir = Path(job.output_dir)
-    accelerator = _make_accelerator(config, output_dir)
+    accelerator = make_accelerator(config, output_dir)
     main = accelerator.is_main_process
     checkpointer = Checkpointer(output_dir, is_main_process=main, storage=storage, config_hash=job.fingerprint())
     _check_output_dir(job, checkpointer, accelerator)
@@ -181,57 +266,11 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
     report.raise_if_invalid()
     samples = report.samples
 
-    weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     # the LoRA init is the only draw from the global generators; the same seed gives the same run
     set_seed(config.run.seed)
-    model = family.load(job.base, device=accelerator.device, weight_dtype=weight_dtype)
-    targets = config.lora.target_modules or list(family.default_lora_targets)
-    num_trainable = add_lora(model.denoiser, rank=params.rank, targets=targets, init=config.lora.init)
-    if config.run.gradient_checkpointing:
-        model.denoiser.enable_gradient_checkpointing()
-
-    buckets = scale_buckets(family.bucket_base, config.data.resolution, family.bucket_multiple)
-    cache, items, encoded = _cache_features(family, model, samples, buckets, config, output_dir, accelerator)
-
-    sampler = BucketBatchSampler([item.bucket for item in items], config.data.batch_size, config.run.seed,
-                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
-    dataset = CachedFeatures(cache, items)
-    collate = CollateWithIndices(family.collate)
-
-    def batches_from(cursor: int):
-        return iter(torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler.iter_from(cursor), collate_fn=collate,
-            num_workers=config.data.num_workers, pin_memory=accelerator.device.type == "cuda",
-        ))
-
-    optim = config.optim
-    optimizer = torch.optim.AdamW(
-        trainable_parameters(model.denoiser), lr=params.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
-        eps=optim.adam_epsilon, weight_decay=optim.weight_decay, fused=accelerator.device.type == "cuda",
-    )
-    # not passed to accelerator.prepare: its wrapper steps the schedule once per process
-    lr_scheduler = build_lr_scheduler(optimizer, params, optim)
-    denoiser = accelerator.prepare(model.denoiser)
-
-    identity = {
-        "family": family.name,
-        "base_fingerprint": model.fingerprint,
-        "lora": lora_signature(model.denoiser),
-        "training_parameters": params.to_dict(),
-        "engine_config": config.to_dict(),
-    }
-    trainer = Trainer(
-        family=family, denoiser=denoiser, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
-        batches_from=batches_from, checkpointer=checkpointer, identity=identity,
-        sample_ids=[item.sample.sample_id for item in items],
-        settings=TrainerSettings(
-            total_steps=params.total_training_steps, checkpoint_steps=params.checkpoint_steps(),
-            gradient_accumulation_steps=optim.gradient_accumulation_steps, max_grad_norm=optim.max_grad_norm,
-            seed=config.run.seed, log_every=config.run.log_every, log_samples=config.run.log_samples,
-            max_consecutive_nonfinite=optim.max_consecutive_nonfinite, stop_after_steps=config.run.stop_after_steps,
-        ),
-        stop_flag=stop_flag,
-    )
+    model = family.load(job.base, device=accelerator.device, weight_dtype=weight_dtype_for(accelerator))
+    setup = prepare_training(job, family, model, samples, accelerator, checkpointer, stop_flag)
+    trainer = setup.trainer
     if job.resume:
         latest = _find_resume_state(checkpointer)
         if latest is None:
@@ -244,11 +283,10 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "job.json").write_text(json.dumps({**job.to_dict(), "engine_version": __version__}, indent=1))
-    accelerator.print(_startup_summary(job, family.name, accelerator, len(samples), encoded, buckets, items,
-                                       num_trainable, sampler.batches_per_epoch))
+    accelerator.print(_startup_summary(job, family.name, accelerator, len(samples), setup.encoded, setup.buckets,
+                                       setup.items, setup.num_trainable, setup.batches_per_epoch))
     accelerator.init_trackers("tailoredgen-train", config=_flat_hparams(job))
-    trained = accelerator.unwrap_model(denoiser)
-    del denoiser  # from here on the DDP wrapper lives only in the trainer and the accelerator
+    trained = accelerator.unwrap_model(trainer.denoiser)
     try:
         history = trainer.train()
     except Preempted:

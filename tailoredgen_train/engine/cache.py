@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data import CropGeometry, Sample, crop_geometry, load_rgb, resize_and_center_crop, to_tensor
@@ -50,6 +51,11 @@ class FeatureCache:
 
     def load(self, item: CacheItem) -> dict[str, torch.Tensor]:
         return load_file(self.path(item))
+
+    def shapes(self, item: CacheItem) -> dict[str, tuple[int, ...]]:
+        """An entry's tensor shapes, from the file header alone."""
+        with safe_open(self.path(item), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
     def store(self, item: CacheItem, tensors: dict[str, torch.Tensor]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

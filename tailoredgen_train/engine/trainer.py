@@ -61,6 +61,9 @@ class TrainerSettings:
     max_consecutive_nonfinite: int = 3
     log_samples: bool = False
     stop_after_steps: int | None = None
+    sync_every_step: bool = True
+    """False: read the loss back only on logging/checkpoint steps; the optimizer then skips a
+    non-finite step on the device (fused AdamW's found_inf), and the host learns of it later."""
 
 
 @dataclass
@@ -72,7 +75,8 @@ class StepRecord:
     skipped: bool = False
     """The loss or gradient was not finite, so the update was not applied."""
     seconds: float = 0.0
-    """Wall time of the optimizer step, data loading included (the step ends in a host sync)."""
+    """Host wall time of the optimizer step, data loading included, up to its loss read-back when it
+    has one (every step unless sync_every_step is off): then it includes the step's device work."""
 
 
 @dataclass
@@ -92,6 +96,8 @@ class Trainer:
     stop_flag: StopFlag = field(default_factory=StopFlag)
     progress: Progress = field(default_factory=Progress)
     history: list[StepRecord] = field(default_factory=list)
+    _pending: list[tuple[StepRecord, torch.Tensor]] = field(default_factory=list, repr=False)
+    """Steps whose loss/grad norm/skip flag are still on the device (sync_every_step=False)."""
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -104,25 +110,35 @@ class Trainer:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(settings.gradient_accumulation_steps)]
             record = self._guarded_step(micro_batches)
-            record.seconds = time.perf_counter() - started
             self.progress.step += 1
             self.progress.cursor += len(micro_batches)
             self.history.append(record)
-            bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
+            step = self.progress.step
+            logging_step = step % settings.log_every == 0 or step == settings.total_steps
+            stopping = bool(settings.stop_after_steps and step >= settings.stop_after_steps)
+            synced = settings.sync_every_step or logging_step or stopping or step in settings.checkpoint_steps
+            if synced:
+                self._resolve_pending()  # the only host sync when sync_every_step is off
+                bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
+            record.seconds = time.perf_counter() - started  # after the sync, when the step has one
             bar.update(1)
-            if self.progress.step % settings.log_every == 0 or self.progress.step == settings.total_steps:
+            if logging_step:
                 self.accelerator.log({"train/loss": record.loss, "train/lr": record.lr,
                                       "train/grad_norm": record.grad_norm, "train/step_s": record.seconds,
                                       "train/skipped": float(record.skipped)}, step=self.progress.step)
             if self.progress.step in settings.checkpoint_steps:
                 self.save_checkpoint()
-            if self._any_process(self.stop_flag.requested is not None):
+            # with several processes the vote is a collective: taken at sync points unless every step syncs
+            if (synced or self.accelerator.num_processes == 1) and self._any_process(
+                    self.stop_flag.requested is not None):
+                self._resolve_pending()
                 self._stop_for_signal()
             if settings.stop_after_steps and self.progress.step >= settings.stop_after_steps:
                 if self.progress.step not in settings.checkpoint_steps:
                     self.save_resume_state()
                 log.warning("stopping after step %d (run.stop_after_steps); --resume continues", self.progress.step)
                 break
+        self._resolve_pending()
         bar.close()
         return self.history
 
@@ -168,6 +184,8 @@ class Trainer:
         params = trainable_parameters(self.denoiser)
         max_norm = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+        if not self.settings.sync_every_step:
+            return self._update_on_device(step, total_loss / len(micro_batches), grad_norm, lr)
         loss_value = float(total_loss) / len(micro_batches)  # the one host sync of the step
         grad_value = float(grad_norm)
         if self._any_process(not (math.isfinite(loss_value) and math.isfinite(grad_value))):
@@ -178,8 +196,43 @@ class Trainer:
         self.progress.consecutive_nonfinite = 0
         return StepRecord(step=step + 1, loss=loss_value, lr=lr, grad_norm=grad_value)
 
+    def _update_on_device(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> StepRecord:
+        """The update without waiting for the loss: fused AdamW skips it on the device when the loss
+        or gradient is not finite (found_inf, as under GradScaler); the host counts it when it syncs."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.accelerator.num_processes > 1:  # a device collective: every process skips together
+            bad = self.accelerator.reduce(bad.float().reshape(1), "sum")[0] > 0
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, bad.float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale, self.optimizer.found_inf
+        self.lr_scheduler.step()  # a skipped step still counts, as on the host path
+        self.optimizer.zero_grad(set_to_none=True)
+        record = StepRecord(step=step + 1, loss=math.nan, lr=lr, grad_norm=math.nan)
+        self._pending.append((record, torch.stack([loss.float(), grad_norm.float(), bad.float()]).detach()))
+        return record
+
+    def _resolve_pending(self) -> None:
+        """Read the pending steps' values back in one transfer and count their non-finite steps."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        values = torch.stack([v for _, v in pending]).tolist()
+        for (record, _), (loss_value, grad_value, bad) in zip(pending, values):
+            record.loss, record.grad_norm, record.skipped = loss_value, grad_value, bad > 0
+            if record.skipped:
+                self._count_nonfinite(record.step - 1, loss_value, grad_value)
+            else:
+                self.progress.consecutive_nonfinite = 0
+
     def _skip_update(self, step: int, loss_value: float, grad_value: float, lr: float) -> StepRecord:
         self.optimizer.zero_grad(set_to_none=True)
+        self._count_nonfinite(step, loss_value, grad_value)
+        self.lr_scheduler.step()  # a skipped step still counts, so checkpoints stay on schedule
+        return StepRecord(step=step + 1, loss=loss_value, lr=lr, grad_norm=grad_value, skipped=True)
+
+    def _count_nonfinite(self, step: int, loss_value: float, grad_value: float) -> None:
         self.progress.consecutive_nonfinite += 1
         limit = self.settings.max_consecutive_nonfinite
         if self.progress.consecutive_nonfinite > limit:
@@ -191,8 +244,6 @@ class Trainer:
             )
         log.warning("step %d: loss=%s grad_norm=%s is not finite; update skipped (%d in a row, limit %d)",
                     step + 1, loss_value, grad_value, self.progress.consecutive_nonfinite, limit)
-        self.lr_scheduler.step()  # a skipped step still counts, so checkpoints stay on schedule
-        return StepRecord(step=step + 1, loss=loss_value, lr=lr, grad_norm=grad_value, skipped=True)
 
     def _any_process(self, flag: bool) -> bool:
         """True on every process if it is true on any: processes must take the same branch."""

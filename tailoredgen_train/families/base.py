@@ -145,6 +145,17 @@ class ModelFamily(ABC):
     def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
         """Build every component with the real classes at tiny sizes and save a diffusers-format directory."""
 
+    def denoiser_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The repeated transformer blocks, in call order: the unit of selective gradient
+        checkpointing and regional compilation. Empty: the family supports neither."""
+        return []
+
+    def block_activation_bytes(self, denoiser: nn.Module, feature_shapes: dict[str, tuple[int, ...]],
+                               batch_size: int) -> int | None:
+        """Estimated activation memory one block keeps for backward, for a batch of cached features
+        of these shapes (gradient_checkpointing=auto); None: no estimate."""
+        return None
+
     def release_encoders(self, model: LoadedModel) -> None:
         """Free the frozen encoders once every feature is cached."""
         model.encoders.clear()

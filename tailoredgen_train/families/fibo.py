@@ -35,6 +35,21 @@ FIBO_LORA_TARGETS = (
 )
 VAE_SCALE = 16  # Wan 2.2: 8x spatial x patch 2
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# Production FIBO (models.md 1.1): 8 dual + 38 single blocks, inner 3072; 8,285,836,848 parameters
+FIBO_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=48, num_layers=8, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, text_encoder_dim=2048, pooled_projection_dim=None, guidance_embeds=False,
+    axes_dims_rope=[16, 56, 56], rope_theta=10000, time_theta=10000,
+)
+# Wan 2.2 VAE as FIBO ships it (Bria-AI/FIBO src/fine_tuning/vae_config.json), neutral statistics
+FIBO_VAE_CONFIG = dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, is_residual=True,
+    in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+    temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+)
+# Activation bytes one block keeps for backward, per token and per unit of inner width, in bf16 at
+# LoRA r=128: (65.3 - 24.7) GiB over 46 blocks x 5632 tokens x 3072 (h100-measurements.md)
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = 55
 
 
 @dataclass(frozen=True)
@@ -103,12 +118,16 @@ class FiboFamily(ModelFamily):
             tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
         transformer.to(device)
-        vae.to(device).eval().requires_grad_(False)
-        text_encoder.to(device).eval().requires_grad_(False)
+        return self._assemble(base, transformer, vae.to(device), text_encoder.to(device), tokenizer, scheduler)
+
+    @staticmethod
+    def _assemble(source: str, transformer, vae, text_encoder, tokenizer, scheduler) -> LoadedModel:
+        vae.eval().requires_grad_(False)
+        text_encoder.eval().requires_grad_(False)
         # the pipeline object is used only for its prompt encoder, so encoding is the pipeline's own
         text_pipe = BriaFiboPipeline(transformer=None, scheduler=None, vae=None, text_encoder=text_encoder,
                                      tokenizer=tokenizer)
-        fingerprint = base_fingerprint(base, transformer.config, vae.config, text_encoder.config.to_dict())
+        fingerprint = base_fingerprint(source, transformer.config, vae.config, text_encoder.config.to_dict())
         return LoadedModel(
             denoiser=transformer,
             encoders={"text": text_pipe, "vae": vae},
@@ -117,28 +136,72 @@ class FiboFamily(ModelFamily):
             extras={"num_blocks": len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)},
         )
 
+    def build_random(self, *, device: torch.device, weight_dtype: torch.dtype, num_layers: int | None = None,
+                     text_layers: int | None = None, seed: int = 0) -> LoadedModel:
+        """Production-size FIBO with random weights, built on `device` in `weight_dtype` (VAE fp32,
+        as `load`): for benchmarks, with no 8B-weight disk round trip. `num_layers` N shrinks it to N
+        dual + N single blocks and `text_layers` the text encoder's depth (CPU smoke tests)."""
+        from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+        torch.manual_seed(seed)
+        config = dict(FIBO_TRANSFORMER_CONFIG)
+        if num_layers is not None:
+            config.update(num_layers=num_layers, num_single_layers=num_layers)
+        tokenizer = build_byte_tokenizer()  # byte tokens: a caption of N ASCII characters is N tokens
+        depth = {} if text_layers is None else {"num_hidden_layers": text_layers}
+        # the defaults are SmolLM3-3B's: hidden 2048, 36 layers, vocab 128256
+        text_config = SmolLM3Config(pad_token_id=tokenizer.pad_token_id, bos_token_id=128000,
+                                    eos_token_id=tokenizer.eos_token_id, **depth)
+        previous = torch.get_default_dtype()
+        try:
+            with torch.device(device):
+                torch.set_default_dtype(weight_dtype)  # parameters are born in their final dtype
+                transformer = BriaFiboTransformer2DModel(**config)
+                text_encoder = SmolLM3ForCausalLM(text_config)
+                torch.set_default_dtype(torch.float32)
+                vae = AutoencoderKLWan(**FIBO_VAE_CONFIG)
+        finally:
+            torch.set_default_dtype(previous)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )
+        return self._assemble(f"random:{seed}", transformer, vae, text_encoder, tokenizer, scheduler)
+
     # ---- features -----------------------------------------------------------------------------
 
     @torch.no_grad()
+    def encode_latents(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """Wan VAE mean of a one-frame video, normalised per channel: (B, 48, H/16, W/16)."""
+        vae = model.encoders["vae"]
+        device = vae.device
+        latents = vae.encode(pixels.to(device, vae.dtype).unsqueeze(2)).latent_dist.mean[:, :, 0]
+        mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1)
+        return (latents - mean) / std
+
+    @torch.no_grad()
+    def encode_features(self, model: LoadedModel, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """A batch's latents and text features, left on the encoders' device (a batch as `collate`
+        makes it, text padded to the longest caption)."""
+        latents = self.encode_latents(model, pixels)
+        device = latents.device
+        prompt_embeds, hidden_states, text_mask = model.encoders["text"].get_prompt_embeds(
+            prompt=list(captions), max_sequence_length=self.options.max_sequence_length, device=device
+        )
+        # each distinct hidden state once; fit_text_layers rebuilds the per-block list
+        kept = hidden_states[-min(len(hidden_states), model.extras["num_blocks"]) :]
+        return {"latents": latents, "prompt_embeds": prompt_embeds, "text_layers": torch.stack(kept),
+                "text_mask": text_mask.bool()}
+
     def encode_sample(
         self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
     ) -> dict[str, torch.Tensor]:
-        vae = model.encoders["vae"]
-        device = vae.device
-        latents = vae.encode(pixels.to(device, torch.float32).unsqueeze(2)).latent_dist.mean[:, :, 0]
-        mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1)
-        latents = (latents - mean) / std
-
-        prompt_embeds, hidden_states, _ = model.encoders["text"].get_prompt_embeds(
-            prompt=[caption], max_sequence_length=self.options.max_sequence_length, device=device
-        )
-        # store each distinct hidden state once; fit_text_layers rebuilds the per-block list
-        kept = hidden_states[-min(len(hidden_states), model.extras["num_blocks"]) :]
+        features = self.encode_features(model, pixels, [caption])
         return {
-            "latents": latents[0].cpu(),
-            "prompt_embeds": prompt_embeds[0].cpu(),
-            "text_layers": torch.stack([h[0] for h in kept]).cpu(),
+            "latents": features["latents"][0].cpu(),
+            "prompt_embeds": features["prompt_embeds"][0].cpu(),
+            "text_layers": features["text_layers"][:, 0].cpu(),
         }
 
     def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -154,12 +217,14 @@ class FiboFamily(ModelFamily):
             shape[dim] = extra
             return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
-        return {
+        batch = {
             "latents": torch.stack([e["latents"] for e in entries]),
             "prompt_embeds": torch.stack([pad(e["prompt_embeds"], 0) for e in entries]),
             "text_layers": torch.stack([pad(e["text_layers"], 1) for e in entries], dim=1),  # (K, B, S, D)
-            "text_mask": torch.stack([torch.arange(longest) < n for n in lengths]),
         }
+        if min(lengths) < longest:  # decided here, on the host: the step then needs no device sync
+            batch["text_mask"] = torch.stack([torch.arange(longest) < n for n in lengths])
+        return batch
 
     # ---- objective ----------------------------------------------------------------------------
 
@@ -181,12 +246,7 @@ class FiboFamily(ModelFamily):
         num_blocks = len(unwrapped.transformer_blocks) + len(unwrapped.single_transformer_blocks)
         layers = fit_text_layers(list(batch["text_layers"].unbind(0)), num_blocks)
 
-        text_mask = batch["text_mask"]
-        attention_kwargs = None
-        if not bool(text_mask.all()):
-            # key-padding mask (B,1,1,S): the pipeline's form; a dense SxS matrix costs ~40% per step
-            image_mask = torch.ones(b, h * w, dtype=torch.bool, device=x0.device)
-            attention_kwargs = {"attention_mask": torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]}
+        attention_kwargs = self.attention_kwargs(batch.get("text_mask"), h * w, dtype)
 
         pred = denoiser(
             hidden_states=packed.to(dtype),
@@ -200,6 +260,27 @@ class FiboFamily(ModelFamily):
         )[0]
         target_packed = BriaFiboPipeline._pack_latents_no_patch(target, b, c, h, w)
         return F.mse_loss(pred.float(), target_packed.float())
+
+    def attention_kwargs(self, text_mask: torch.Tensor | None, image_tokens: int, dtype: torch.dtype) -> dict | None:
+        """No mask when nothing is padded (a batch without `text_mask`); else the pipeline's (B,1,1,S)
+        key-padding mask: a dense SxS matrix costs ~40% of a step (h100-measurements.md)."""
+        if text_mask is None:
+            return None
+        image_mask = torch.ones(text_mask.shape[0], image_tokens, dtype=torch.bool, device=text_mask.device)
+        return {"attention_mask": torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]}
+
+    # ---- speed --------------------------------------------------------------------------------
+
+    def denoiser_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        unwrapped = getattr(denoiser, "module", denoiser)
+        return [*unwrapped.transformer_blocks, *unwrapped.single_transformer_blocks]
+
+    def block_activation_bytes(self, denoiser: nn.Module, feature_shapes: dict[str, tuple[int, ...]],
+                               batch_size: int) -> int | None:
+        _, h, w = feature_shapes["latents"]
+        tokens = h * w + feature_shapes["prompt_embeds"][0]
+        inner = getattr(denoiser, "module", denoiser).inner_dim
+        return ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * batch_size * inner
 
     # ---- export -------------------------------------------------------------------------------
 
