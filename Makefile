@@ -54,5 +54,9 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the engine's step against Bria's recipe on the tiny base (CPU); --size full on a GPU (docs/PERFORMANCE.md)
+bench-tiny: $(STAMP)
+	$(PY) scripts/bench.py --size tiny --recipe both
+
 clean:
 	rm -rf runs .pytest_cache

@@ -62,6 +62,7 @@ class JobSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
         raw = dict(raw)
+        raw.pop("engine_version", None)  # the copy the engine keeps in OUTPUT/job.json is stamped with it
         raw["params"] = TrainingParameters(**raw["params"])
         raw["engine"] = engine_config_from_dict(raw["engine"], source="job spec")
         return cls(**raw)

@@ -159,9 +159,7 @@ class JobRunner:
             return
         attempts = job.attempt if job else 0
         if self.settings.lost_jobs == "resume" and job is not None and attempts - 1 < self.settings.max_resume_attempts:
-            raw = json.loads((Path(job.run_dir) / "job.json").read_text())
-            raw.pop("engine_version", None)  # the engine stamps its version into the job.json it keeps
-            spec = JobSpec.from_dict(raw)
+            spec = JobSpec.from_dict(json.loads((Path(job.run_dir) / "job.json").read_text()))
             spec.resume, spec.overwrite = True, False
             self._end_job(job.id, "lost")
             log.warning("model %s: its job is gone without a result; resuming from its last checkpoint", model_id)
