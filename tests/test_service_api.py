@@ -543,3 +543,16 @@ def test_an_engine_failure_is_recorded_with_the_engine_s_code(tmp_path, tiny_fib
         failed = wait_for_status(api, model_id, {"Failed", "Completed"}, timeout=120)
     assert failed["status"] == "Failed" and failed["error"]["code"] == "base_model_invalid"
     assert "no-such-base" in failed["error"]["message"]
+
+
+def test_an_upload_that_fails_after_storing_its_file_leaves_no_file(api, monkeypatch):
+    dataset_id = _draft_dataset(api)
+
+    def fail(image):
+        raise RuntimeError("the transaction dies after the file was moved into place")
+    monkeypatch.setattr("tailoredgen_train.service.routes_datasets.image_view", fail)
+    response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("x.png", _png(128, 128))})
+    assert response.status_code == 500
+    monkeypatch.undo()
+    assert list(_SERVER["server"].service.dataset_dir(dataset_id).iterdir()) == []
+    assert api.get(f"/datasets/{dataset_id}").json()["images_count"] == 0

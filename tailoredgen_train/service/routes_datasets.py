@@ -240,6 +240,7 @@ def upload_image(dataset_id: DatasetId, request: Request, file: Annotated[Upload
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".upload-{uuid.uuid4().hex}"
     staging.write_bytes(data)
+    stored: Path | None = None
     try:
         width, height, extension = _check_upload(staging, service.engine_config(service.family_of(version)).data)
         name = (image_name or file.filename or "image").encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
@@ -254,8 +255,15 @@ def upload_image(dataset_id: DatasetId, request: Request, file: Annotated[Upload
             session.add(image)
             session.flush()
             image.file_name = f"{image.id:08d}{extension}"  # the server names files: no client path reaches disk
-            os.replace(staging, folder / image.file_name)
-            return image_view(image)
+            stored = folder / image.file_name
+            os.replace(staging, stored)
+            view = image_view(image)
+        return view
+    except BaseException:
+        # a file without its committed row would fail the preflight when the dataset is completed
+        if stored is not None:
+            stored.unlink(missing_ok=True)
+        raise
     finally:
         staging.unlink(missing_ok=True)
 
