@@ -105,7 +105,9 @@ class Trainer:
         settings = self.settings
         batches = self.batches_from(self.progress.cursor)
         bar = tqdm(total=settings.total_steps, initial=self.progress.step, desc="train",
-                   disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+                   disable=not self.accelerator.is_main_process, dynamic_ncols=True,
+                   # into a log file (a batch job, the service's train.log): one update per 30 s, not per step
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         while self.progress.step < settings.total_steps:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(settings.gradient_accumulation_steps)]
