@@ -108,6 +108,7 @@ class Trainer:
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True,
                    # into a log file (a batch job, the service's train.log): one update per 30 s, not per step
                    mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        to_log_file = not sys.stderr.isatty() and self.accelerator.is_main_process
         while self.progress.step < settings.total_steps:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(settings.gradient_accumulation_steps)]
@@ -121,13 +122,17 @@ class Trainer:
             synced = settings.sync_every_step or logging_step or stopping or step in settings.checkpoint_steps
             if synced:
                 self._resolve_pending()  # the only host sync when sync_every_step is off
-                bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
+                bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}", refresh=False)
             record.seconds = time.perf_counter() - started  # after the sync, when the step has one
             bar.update(1)
             if logging_step:
                 self.accelerator.log({"train/loss": record.loss, "train/lr": record.lr,
                                       "train/grad_norm": record.grad_norm, "train/step_s": record.seconds,
                                       "train/skipped": float(record.skipped)}, step=self.progress.step)
+                if to_log_file:  # what the progress bar shows a terminal, as a line a log file keeps
+                    log.info("step %d/%d: loss %.4f, lr %.2e, grad_norm %.3f, %.3f s/step%s", step,
+                             settings.total_steps, record.loss, record.lr, record.grad_norm, record.seconds,
+                             " (skipped: not finite)" if record.skipped else "")
             if self.progress.step in settings.checkpoint_steps:
                 self.save_checkpoint()
             # with several processes the vote is a collective: taken at sync points unless every step syncs
