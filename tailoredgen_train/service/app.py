@@ -126,6 +126,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
                               "start/stop training, checkpoints and download. Send your token in the "
                               "`api_token` header.")
     app.state.service = service
+    _document_bria_errors_only(app)
 
     @app.middleware("http")
     async def request_id_and_errors(request: Request, call_next):
@@ -168,6 +169,24 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
     app.include_router(models_router, prefix="/tailored-gen", dependencies=authenticated)
     app.include_router(files_router, prefix="/tailored-gen")  # pre-signed: the signature is the credential
     return app
+
+
+def _document_bria_errors_only(app: FastAPI) -> None:
+    """Validation errors leave as 400 (Bria's shape), so FastAPI's 422 is not in the description."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+            schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def serve(settings: ServiceSettings, host: str, port: int, log_level: str = "info") -> None:

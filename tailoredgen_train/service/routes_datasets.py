@@ -22,10 +22,11 @@ from ..data.preflight import validate_dataset
 from ..errors import InvalidParameterError, NotFoundError, TailoredGenError
 from .app import service_of
 from .db import Dataset, Image, Project, utcnow
-from .schemas import (ILLUSTRATION_ONLY, MAX_ID, CaptionUpdate, DatasetCreate, DatasetUpdate, ProjectCreate)
+from .schemas import (ERROR_RESPONSES, ILLUSTRATION_ONLY, MAX_ID, CaptionUpdate, DatasetCreate, DatasetOut,
+                      DatasetUpdate, ImageOut, ProjectCreate, ProjectOut)
 from .views import dataset_view, image_view, project_view
 
-router = APIRouter(tags=["projects and datasets"])
+router = APIRouter(tags=["projects and datasets"], responses=ERROR_RESPONSES)
 ProjectId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
 DatasetId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
 ImageId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
@@ -93,7 +94,7 @@ def _caption(raw: str | None, training_version: str) -> str | None:
 # ---- projects ----------------------------------------------------------------------------------
 
 
-@router.post("/projects", status_code=201)
+@router.post("/projects", status_code=201, response_model=ProjectOut)
 def create_project(body: ProjectCreate, request: Request) -> dict:
     if body.ip_type == "defined_character" and not body.ip_name:
         raise InvalidParameterError.single("ip_name", "", "ip_name is required when ip_type is defined_character")
@@ -110,13 +111,13 @@ def create_project(body: ProjectCreate, request: Request) -> dict:
         return project_view(project)
 
 
-@router.get("/projects")
+@router.get("/projects", response_model=list[ProjectOut])
 def list_projects(request: Request) -> list[dict]:
     with service_of(request).db.transaction() as session:
         return [project_view(p) for p in session.scalars(select(Project).order_by(Project.id))]
 
 
-@router.get("/projects/{project_id}")
+@router.get("/projects/{project_id}", response_model=ProjectOut)
 def get_project(project_id: ProjectId, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
         return project_view(_project(session, project_id))
@@ -125,7 +126,7 @@ def get_project(project_id: ProjectId, request: Request) -> dict:
 # ---- datasets ----------------------------------------------------------------------------------
 
 
-@router.post("/datasets", status_code=201)
+@router.post("/datasets", status_code=201, response_model=DatasetOut, response_model_exclude_unset=True)
 def create_dataset(body: DatasetCreate, request: Request) -> dict:
     service = service_of(request)
     service.family_of(body.training_version)
@@ -148,13 +149,13 @@ def create_dataset(body: DatasetCreate, request: Request) -> dict:
         return dataset_view(session, dataset)
 
 
-@router.get("/datasets")
+@router.get("/datasets", response_model=list[DatasetOut], response_model_exclude_unset=True)
 def list_datasets(request: Request) -> list[dict]:
     with service_of(request).db.transaction() as session:
         return [dataset_view(session, d) for d in session.scalars(select(Dataset).order_by(Dataset.id))]
 
 
-@router.get("/datasets/{dataset_id}")
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut, response_model_exclude_unset=True)
 def get_dataset(dataset_id: DatasetId, request: Request,
                 max_images: Annotated[int, Query(ge=1, le=MAX_IMAGES)] = MAX_IMAGES) -> dict:
     with service_of(request).db.transaction() as session:
@@ -164,7 +165,7 @@ def get_dataset(dataset_id: DatasetId, request: Request,
         return dataset_view(session, dataset, images=images)
 
 
-@router.put("/datasets/{dataset_id}")
+@router.put("/datasets/{dataset_id}", response_model=DatasetOut, response_model_exclude_unset=True)
 def update_dataset(dataset_id: DatasetId, body: DatasetUpdate, request: Request) -> dict:
     service = service_of(request)
     with service.db.transaction() as session:
@@ -223,7 +224,7 @@ def _write_atomically(path: Path, text: str) -> None:
 # ---- images ------------------------------------------------------------------------------------
 
 
-@router.post("/datasets/{dataset_id}/images", status_code=201)
+@router.post("/datasets/{dataset_id}/images", status_code=201, response_model=ImageOut)
 def upload_image(dataset_id: DatasetId, request: Request, file: Annotated[UploadFile, File()],
                  caption: Annotated[str | None, Form(max_length=100_000)] = None,
                  image_name: Annotated[str | None, Form(max_length=256)] = None) -> dict:
@@ -289,7 +290,7 @@ def _check_upload(path: Path, data_config) -> tuple[int, int, str]:
     return width, height, extension
 
 
-@router.get("/datasets/{dataset_id}/images")
+@router.get("/datasets/{dataset_id}/images", response_model=list[ImageOut])
 def list_images(dataset_id: DatasetId, request: Request) -> list[dict]:
     with service_of(request).db.transaction() as session:
         _dataset(session, dataset_id)
@@ -305,13 +306,13 @@ def _image(session: Session, dataset_id: int, image_id: int) -> Image:
     return image
 
 
-@router.get("/datasets/{dataset_id}/images/{image_id}")
+@router.get("/datasets/{dataset_id}/images/{image_id}", response_model=ImageOut)
 def get_image(dataset_id: DatasetId, image_id: ImageId, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
         return image_view(_image(session, dataset_id, image_id))
 
 
-@router.put("/datasets/{dataset_id}/images/{image_id}")
+@router.put("/datasets/{dataset_id}/images/{image_id}", response_model=ImageOut)
 def update_caption(dataset_id: DatasetId, image_id: ImageId, body: CaptionUpdate, request: Request) -> dict:
     if (body.caption is None) == (body.regenerate_caption is None):
         raise InvalidParameterError.single("caption", body.caption or "", "send exactly one of caption and "

@@ -12,9 +12,9 @@ from fastapi.responses import FileResponse
 from ..engine.checkpoint import LORA_FILE
 from ..errors import NotFoundError
 from .app import service_of
-from .schemas import MAX_ID
+from .schemas import ERROR_RESPONSES, MAX_ID
 
-router = APIRouter(tags=["downloads"])
+router = APIRouter(tags=["downloads"], responses={k: v for k, v in ERROR_RESPONSES.items() if k in (400, 401, 404)})
 
 
 @router.get("/files/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors",

@@ -19,10 +19,11 @@ from .app import Service, service_of
 from .db import Checkpoint, Dataset, Model, utcnow
 from .routes_datasets import ConflictError
 from .runner import ACTIVE, generation_prefix_for
-from .schemas import MAX_ID, ModelCreate, ModelUpdate, StartTrainingRequest
+from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointListOut, CheckpointOut, DownloadOut, ModelCreate, ModelOut,
+                      ModelUpdate, StartTrainingRequest)
 from .views import BASE_MODEL_CARDS, checkpoint_view, model_view
 
-router = APIRouter(tags=["models and training"])
+router = APIRouter(tags=["models and training"], responses=ERROR_RESPONSES)
 ModelId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
 Step = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[100])]
 
@@ -41,7 +42,7 @@ def _model(session: Session, model_id: int) -> Model:
     return model
 
 
-@router.post("/models", status_code=201)
+@router.post("/models", status_code=201, response_model=ModelOut, response_model_exclude_unset=True)
 def create_model(body: ModelCreate, request: Request) -> dict:
     service = service_of(request)
     with service.db.transaction() as session:
@@ -62,20 +63,20 @@ def create_model(body: ModelCreate, request: Request) -> dict:
         return model_view(session, model)
 
 
-@router.get("/models")
+@router.get("/models", response_model=list[ModelOut], response_model_exclude_unset=True)
 def list_models(request: Request, include_training_parameters: bool = False) -> list[dict]:
     with service_of(request).db.transaction() as session:
         models = session.scalars(select(Model).where(Model.status != "Deleted").order_by(Model.id))
         return [model_view(session, m, include_training_parameters=include_training_parameters) for m in models]
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id}", response_model=ModelOut, response_model_exclude_unset=True)
 def get_model(model_id: ModelId, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
         return model_view(session, _model(session, model_id))
 
 
-@router.put("/models/{model_id}")
+@router.put("/models/{model_id}", response_model=ModelOut, response_model_exclude_unset=True)
 def update_model(model_id: ModelId, body: ModelUpdate, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
         model = _model(session, model_id)
@@ -125,7 +126,8 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-@router.post("/models/{model_id}/start_training", openapi_extra={"requestBody": {
+@router.post("/models/{model_id}/start_training", response_model=ModelOut, response_model_exclude_unset=True,
+             openapi_extra={"requestBody": {
     "required": False,
     "content": {"application/json": {"schema": StartTrainingRequest.model_json_schema()}}}})
 async def start_model_training(model_id: ModelId, request: Request) -> dict:
@@ -158,7 +160,7 @@ def _start(service: Service, model_id: int, raw: bytes, owner: str) -> dict:
     return response.to_dict()
 
 
-@router.post("/models/{model_id}/stop_training")
+@router.post("/models/{model_id}/stop_training", response_model=ModelOut, response_model_exclude_unset=True)
 def stop_model_training(model_id: ModelId, request: Request) -> dict:
     """InProgress -> Stopping; the model becomes Stopped when its job has exited. It cannot be resumed."""
     service = service_of(request)
@@ -181,7 +183,7 @@ def _expert_model(session: Session, model_id: int) -> Model:
     return model
 
 
-@router.get("/models/{model_id}/checkpoints")
+@router.get("/models/{model_id}/checkpoints", response_model=CheckpointListOut)
 def list_checkpoints(model_id: ModelId, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
         model = _expert_model(session, model_id)
@@ -197,14 +199,14 @@ def _checkpoint(session: Session, model_id: int, step: int) -> Checkpoint:
     return checkpoint
 
 
-@router.get("/models/{model_id}/checkpoints/{checkpoint_step}")
+@router.get("/models/{model_id}/checkpoints/{checkpoint_step}", response_model=CheckpointOut)
 def get_checkpoint(model_id: ModelId, checkpoint_step: Step, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
         _expert_model(session, model_id)
         return checkpoint_view(_checkpoint(session, model_id, checkpoint_step))
 
 
-@router.get("/models/{model_id}/download")
+@router.get("/models/{model_id}/download", response_model=DownloadOut)
 def download_model(model_id: ModelId, request: Request,
                    checkpoint_step: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None) -> dict:
     """A pre-signed link to the LoRA (.safetensors) of the finished model, or of one checkpoint."""

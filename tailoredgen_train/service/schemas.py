@@ -110,3 +110,131 @@ def _printable(value: Any) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     text = text.encode("utf-8", "replace").decode("utf-8")
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+# ---- response bodies (what /openapi.json promises; the handlers build them in views.py) -------
+
+
+class ProjectOut(BaseModel):
+    id: int
+    project_name: str
+    project_description: str | None
+    ip_name: str | None
+    ip_description: str | None
+    ip_medium: str
+    ip_type: str
+    training_version: str | None
+    status: str
+    created_at: str
+    updated_at: str
+
+
+class ImageOut(BaseModel):
+    id: int
+    dataset_id: int
+    image_name: str
+    caption: str | None
+    caption_source: Literal["manual", "pending"]
+    width: int
+    height: int
+    created_at: str
+    updated_at: str
+
+
+class DatasetOut(BaseModel):
+    id: int
+    project_id: int
+    name: str
+    training_version: str
+    caption_prefix: str | None
+    status: Literal["draft", "completed"]
+    upload_type: str
+    captions_update_status: str
+    images_count: int
+    created_at: str
+    updated_at: str
+    images: list[ImageOut] | None = Field(default=None, description="GET /datasets/{id} only")
+
+
+class TrainingParametersOut(BaseModel):
+    """Empty until start_training resolves them."""
+
+    learning_rate: float | None = None
+    lr_scheduler: str | None = None
+    rank: int | None = None
+    total_training_steps: int | None = None
+    checkpoint_interval: int | None = None
+    lr_warmup_steps: int | None = None
+
+
+class FailureOut(BaseModel):
+    code: str | None
+    message: str | None
+
+
+class ModelOut(BaseModel):
+    id: int
+    name: str
+    description: str
+    status: Literal["Created", "InProgress", "Completed", "Failed", "Stopping", "Stopped"]
+    dataset_id: int
+    training_version: str
+    training_mode: Literal["fully_automated", "expert"]
+    generation_prefix: str | None
+    project_id: int
+    created_at: str
+    updated_at: str
+    custom_metadata: str
+    active_model_version: str
+    training_parameters: TrainingParametersOut | None = Field(
+        default=None, description="omitted by GET /models unless include_training_parameters=true")
+    checkpoint_steps: list[str] | None = Field(default=None, description="newest first; expert models only")
+    error: FailureOut | None = Field(default=None, description="Failed models: the engine's error code and message")
+
+
+class CheckpointOut(BaseModel):
+    checkpoint_step: int
+    training_job_id: int
+    created_at: str
+
+
+class CheckpointListOut(BaseModel):
+    checkpoints: list[CheckpointOut]
+    active_model_version: str
+
+
+class DownloadOut(BaseModel):
+    download_url: str
+    base_model_name: str
+    base_model_card: str | None
+    checkpoint_step: int
+    expires: int
+
+
+class FieldErrorOut(BaseModel):
+    msg: str
+    field_name: str
+    field_input: str
+
+
+class FieldErrorsOut(BaseModel):
+    errors: list[FieldErrorOut]
+
+
+class MessageOut(BaseModel):
+    message: str
+    code: str | None = None
+    request_id: str | None = Field(default=None, description="500 only: the id of the log line with the details")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": FieldErrorsOut | MessageOut, "description": "invalid fields, or a request wrong as a whole"},
+    401: {"model": MessageOut, "description": "missing or wrong api_token"},
+    404: {"model": MessageOut, "description": "not found"},
+    409: {"model": MessageOut, "description": "conflicts with the resource's state"},
+    412: {"model": MessageOut, "description": "the dataset is not completed, or an image's resolution is too low"},
+    413: {"model": MessageOut, "description": "the upload is too large"},
+    415: {"model": MessageOut, "description": "not a jpg, png or webp image the engine can decode"},
+    429: {"model": MessageOut, "description": "over the token's request rate or training cap (Retry-After)"},
+    500: {"model": MessageOut, "description": "internal error: only a request id"},
+}
