@@ -297,6 +297,11 @@ def check_can_start(model: ModelRecord, dataset: DatasetRecord) -> None:
         )
 
 
+def generation_prefix(training_version: str, caption_prefix: str | None) -> str | None:
+    """Bria: null for FIBO models; the dataset's caption_prefix for legacy ones."""
+    return None if is_fibo(training_version) else (caption_prefix or "")
+
+
 def build_response(
     model: ModelRecord, dataset: DatasetRecord, params: TrainingParameters, updated_at: str
 ) -> StartTrainingResponse:
@@ -308,7 +313,7 @@ def build_response(
         dataset_id=model.dataset_id,
         training_version=model.training_version,
         training_mode=model.training_mode,
-        generation_prefix=None if is_fibo(model.training_version) else (dataset.caption_prefix or ""),
+        generation_prefix=generation_prefix(model.training_version, dataset.caption_prefix),
         project_id=model.project_id,
         created_at=model.created_at,
         updated_at=updated_at,

@@ -138,7 +138,7 @@ def test_unknown_image_and_checkpoint_are_404(api, dataset_id):
 
 # ---- start_training: 200, 409, 412, 400 --------------------------------------------------------
 
-def test_start_returns_the_model_in_progress_with_resolved_parameters(api, dataset_id):
+def test_start_returns_the_model_in_progress_with_resolved_parameters(api, server, dataset_id):
     model_id = create_model(api, dataset_id)
     response = api.post(f"/models/{model_id}/start_training", json={"rank": 16, "total_training_steps": 300})
     assert response.status_code == 200, response.text
@@ -148,21 +148,9 @@ def test_start_returns_the_model_in_progress_with_resolved_parameters(api, datas
                                            "rank": 16, "total_training_steps": 300, "checkpoint_interval": 300,
                                            "lr_warmup_steps": 100}
     assert api.get(f"/models/{model_id}").json()["training_parameters"] == body["training_parameters"]
-    job = json.loads((api_run_dir(api, model_id) / "job.json").read_text())
+    job = json.loads((server.service.runner.run_dir(model_id) / "job.json").read_text())
     assert job["params"] == body["training_parameters"] and job["dataset_dir"].endswith(f"dataset-{dataset_id}")
     _stop(api, model_id)
-
-
-def api_run_dir(api, model_id):
-    return _SERVER["server"].service.runner.run_dir(model_id)
-
-
-_SERVER: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _remember_server(server):
-    _SERVER["server"] = server
 
 
 def _stop(api, model_id):
@@ -355,11 +343,11 @@ def test_an_image_below_the_minimum_side_is_412(api):
 
 @pytest.mark.parametrize("payload", [b"", b"not an image at all", _png(128, 128)[:60],
                                      b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"])
-def test_a_file_that_is_not_a_usable_image_is_415(api, payload):
+def test_a_file_that_is_not_a_usable_image_is_415(api, server, payload):
     dataset_id = _draft_dataset(api)
     response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("x.png", payload)})
     assert response.status_code == 415, response.text
-    leftovers = [p.name for p in _SERVER["server"].service.dataset_dir(dataset_id).iterdir()]
+    leftovers = [p.name for p in server.service.dataset_dir(dataset_id).iterdir()]
     assert leftovers == []  # the staged upload is gone
 
 
@@ -517,11 +505,11 @@ def _stop_with(api, model_id):
 
 # ---- the rest of the surface -------------------------------------------------------------------
 
-def test_draft_images_can_be_listed_limited_and_deleted(api):
+def test_draft_images_can_be_listed_limited_and_deleted(api, server):
     dataset_id = _draft_dataset(api)
     ids = [upload_sample(api, dataset_id, row).json()["id"] for row in sample_rows()[:3]]
     assert [i["id"] for i in api.get(f"/datasets/{dataset_id}", params={"max_images": 2}).json()["images"]] == ids[:2]
-    stored = _SERVER["server"].service.dataset_dir(dataset_id)
+    stored = server.service.dataset_dir(dataset_id)
     assert len(list(stored.iterdir())) == 3
     assert api.delete(f"/datasets/{dataset_id}/images/{ids[0]}").status_code == 204
     assert [i["id"] for i in api.get(f"/datasets/{dataset_id}/images").json()] == ids[1:]
@@ -550,7 +538,7 @@ def test_an_engine_failure_is_recorded_with_the_engine_s_code(tmp_path, tiny_fib
     assert "no-such-base" in failed["error"]["message"]
 
 
-def test_an_upload_that_fails_after_storing_its_file_leaves_no_file(api, monkeypatch):
+def test_an_upload_that_fails_after_storing_its_file_leaves_no_file(api, server, monkeypatch):
     dataset_id = _draft_dataset(api)
 
     def fail(image):
@@ -559,5 +547,5 @@ def test_an_upload_that_fails_after_storing_its_file_leaves_no_file(api, monkeyp
     response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("x.png", _png(128, 128))})
     assert response.status_code == 500
     monkeypatch.undo()
-    assert list(_SERVER["server"].service.dataset_dir(dataset_id).iterdir()) == []
+    assert list(server.service.dataset_dir(dataset_id).iterdir()) == []
     assert api.get(f"/datasets/{dataset_id}").json()["images_count"] == 0

@@ -11,14 +11,15 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ..contract import DatasetRecord, ModelRecord, canonical_version, check_can_start, is_fibo
+from ..contract import (DatasetRecord, ModelRecord, canonical_version, check_can_start, generation_prefix,
+                        is_fibo)
 from ..errors import FieldError, InvalidParameterError, NotFoundError, TailoredGenError
 from ..recipe import JobSpec
 from ..start import start_training
 from .app import Service, service_of
 from .db import Checkpoint, Dataset, Model, utcnow
 from .routes_datasets import ConflictError
-from .runner import ACTIVE, generation_prefix_for
+from .runner import ACTIVE
 from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointListOut, CheckpointOut, DownloadOut, ModelCreate, ModelOut,
                       ModelUpdate, StartTrainingRequest)
 from .views import BASE_MODEL_CARDS, checkpoint_view, model_view
@@ -105,11 +106,11 @@ def delete_model(model_id: ModelId, request: Request) -> Response:
 class _ClaimThenSubmit:
     """start_training's launcher here: the atomic claim, then the backend."""
 
-    def __init__(self, service: Service, model_id: int, owner: str, generation_prefix: str | None):
-        self.service, self.model_id, self.owner, self.generation_prefix = service, model_id, owner, generation_prefix
+    def __init__(self, service: Service, model_id: int, owner: str, prefix: str | None):
+        self.service, self.model_id, self.owner, self.prefix = service, model_id, owner, prefix
 
     def launch(self, job: JobSpec) -> None:
-        self.service.runner.claim(self.model_id, self.owner, job.params.to_dict(), self.generation_prefix)
+        self.service.runner.claim(self.model_id, self.owner, job.params.to_dict(), self.prefix)
         self.service.runner.submit(self.model_id, job)
 
 
@@ -153,7 +154,7 @@ def _start(service: Service, model_id: int, raw: bytes, owner: str) -> dict:
     request = _parse_body(raw)
     family = service.family_of(model.training_version)
     launcher = _ClaimThenSubmit(service, model_id, owner,
-                                generation_prefix_for(model.training_version, dataset.caption_prefix))
+                                generation_prefix(model.training_version, dataset.caption_prefix))
     response = start_training(model_record, dataset_record, request, base=service.settings.bases[family],
                               output_dir=service.runner.run_dir(model_id), engine=service.engine_config(family),
                               launcher=launcher, version_map=service.settings.version_map)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 
-from ..contract import is_fibo
 from ..engine.checkpoint import Checkpointer
 from ..errors import RateLimitedError, TrainingAlreadyStartedError
 from ..outcome import read_outcome
@@ -218,6 +217,3 @@ class JobRunner:
 def _handle(job: TrainingJob) -> JobHandle:
     return JobHandle(job.launcher, job.external_id or "", job.host, job.process_started)
 
-
-def generation_prefix_for(training_version: str, caption_prefix: str | None) -> str | None:
-    return None if is_fibo(training_version) else (caption_prefix or "")
