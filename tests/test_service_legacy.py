@@ -53,6 +53,7 @@ def test_a_max_model_trains_on_a_legacy_dataset_through_the_api(tmp_path, tiny_f
         assert done["status"] == "Completed", done
         link = api.get(f"/models/{model['id']}/download").json()
         assert link["base_model_name"] == "BRIA-3.2"
+        assert link["base_model_card"] == "https://huggingface.co/briaai/BRIA-3.2"
         lora_dir = tmp_path / "lora"
         lora_dir.mkdir()
         (lora_dir / "pytorch_lora_weights.safetensors").write_bytes(httpx.get(link["download_url"], timeout=60).content)

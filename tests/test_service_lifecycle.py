@@ -51,6 +51,7 @@ def test_project_to_downloaded_lora_over_http(tmp_path, tiny_fibo_base):
 
             link = api.get(f"/models/{model_id}/download").json()
             assert link["base_model_name"] == "BRIA-FIBO" and link["checkpoint_step"] == 200
+            assert link["base_model_card"] == "https://huggingface.co/briaai/FIBO"  # the family's hub_id
             early = api.get(f"/models/{model_id}/download", params={"checkpoint_step": 100}).json()
         lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
         lora.parent.mkdir()

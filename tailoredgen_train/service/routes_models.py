@@ -22,7 +22,7 @@ from .routes_datasets import ConflictError
 from .runner import ACTIVE
 from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointListOut, CheckpointOut, DownloadOut, ModelCreate, ModelOut,
                       ModelUpdate, StartTrainingRequest)
-from .views import BASE_MODEL_CARDS, checkpoint_view, model_view
+from .views import base_model_view, checkpoint_view, model_view
 
 router = APIRouter(tags=["models and training"], responses=ERROR_RESPONSES)
 ModelId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
@@ -227,7 +227,6 @@ def download_model(model_id: ModelId, request: Request,
     path = f"/tailored-gen/files/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors"
     expires, signature = service.signer.sign(path, service.settings.download_url_ttl_s)
     base_url = (service.settings.public_url or str(request.base_url)).rstrip("/")
-    name, card = BASE_MODEL_CARDS.get(family, (family, None))
-    return {"download_url": f"{base_url}{path}?expires={expires}&signature={signature}",
-            "base_model_name": name, "base_model_card": card, "checkpoint_step": step, "expires": expires}
+    return {"download_url": f"{base_url}{path}?expires={expires}&signature={signature}", **base_model_view(family),
+            "checkpoint_step": step, "expires": expires}
 

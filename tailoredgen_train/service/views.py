@@ -7,14 +7,18 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ..families import FAMILIES, family_class
 from .db import Checkpoint, Dataset, Image, Model, Project
 
-# what GET /models/{id}/download names as the base, per model family
-BASE_MODEL_CARDS = {
-    "fibo": ("BRIA-FIBO", "https://huggingface.co/briaai/BRIA-FIBO"),
-    "bria-3.2": ("BRIA-3.2", "https://huggingface.co/briaai/BRIA-3.2"),
-    "bria-2.3": ("BRIA-2.3", "https://huggingface.co/briaai/BRIA-2.3"),
-}
+# what GET /models/{id}/download names as the base, per model family (Bria's names); the card is
+# the family's own hub_id
+BASE_MODEL_NAMES = {"fibo": "BRIA-FIBO", "bria-3.2": "BRIA-3.2", "bria-2.3": "BRIA-2.3"}
+
+
+def base_model_view(family: str) -> dict[str, str | None]:
+    hub_id = getattr(family_class(family), "hub_id", None) if family in FAMILIES else None
+    return {"base_model_name": BASE_MODEL_NAMES.get(family, family),
+            "base_model_card": f"https://huggingface.co/{hub_id}" if hub_id else None}
 
 
 def project_view(project: Project) -> dict[str, Any]:
