@@ -1,4 +1,4 @@
-"""Command line: `tailoredgen-train {train,validate-dataset,make-tiny-base,run-job,serve}`.
+"""Command line: `tailoredgen-train {train,validate-dataset,make-tiny-base,run-job,serve,report}`.
 
 The train flags named after the contract's request fields go through the same resolution as the
 API (expert-mode rule, ranges, defaults); engineering options come from --config and --set.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import load_engine_config
 from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
-from .errors import Preempted, TailoredGenError
+from .errors import NotARunFolderError, Preempted, TailoredGenError
 from .service.settings import TOKENS_ENV
 
 EXIT_USER_ERROR = 2  # the input is wrong: fix it and run again
@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
 
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
+
+    report = commands.add_parser("report", help="rebuild RUN_DIR/report.html (status, curves, samples, settings)")
+    report.add_argument("run_dir", help="a run's output folder (the one holding job.json)")
     return parser
 
 
@@ -169,8 +172,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+    from .report.metrics import JOB_FILE
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / JOB_FILE).is_file():
+        raise NotARunFolderError(f"{run_dir} is not a run folder: it has no {JOB_FILE} (a run writes one when its "
+                                 "training starts). Pass the --output folder of a run.")
+    print(build_report(run_dir))
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "validate-dataset": _cmd_validate, "make-tiny-base": _cmd_tiny,
-            "run-job": _cmd_run_job, "serve": _cmd_serve}
+            "run-job": _cmd_run_job, "serve": _cmd_serve, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,13 @@ class IncompatibleDatasetError(TailoredGenError):
     http_status = 400
 
 
+class NotARunFolderError(TailoredGenError):
+    """A folder given as a run's output folder holds no job.json (400)."""
+
+    code = "not_a_run_folder"
+    http_status = 400
+
+
 class UnauthorizedError(TailoredGenError):
     code = "unauthorized"
     http_status = 401
@@ -169,6 +176,13 @@ class CheckpointWriteError(TailoredGenError):
     """A checkpoint could not be written (disk full, I/O error); the previous one stays valid."""
 
     code = "checkpoint_write_failed"
+    http_status = 500
+
+
+class ReportWriteError(TailoredGenError):
+    """OUTPUT/report.html could not be written (permissions, disk full); training is not affected."""
+
+    code = "report_write_failed"
     http_status = 500
 
 

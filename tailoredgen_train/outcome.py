@@ -3,6 +3,12 @@
 `run-job` writes OUTPUT/result.json (rank 0) or OUTPUT/result.rank<N>.json (another rank that
 failed) atomically as its last act. A process that is killed writes nothing: no file means the
 job was lost, not that it failed.
+
+    {"status": "completed" | "failed" | "preempted", "code", "message", "final_step", "rank",
+     "summary": {...} | null}
+
+`summary` is what `report.result.summarize_run` measured: losses, steps, times, peak memory and
+the published checkpoints (see that module). This is the one writer of result.json.
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ def process_rank() -> int:
 
 
 def write_outcome(output_dir: str | Path, status: Status, *, code: str | None = None, message: str | None = None,
-                  final_step: int | None = None, rank: int | None = None) -> Path:
+                  final_step: int | None = None, rank: int | None = None,
+                  summary: dict[str, Any] | None = None) -> Path:
     rank = process_rank() if rank is None else rank
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     target = output / (RESULT_FILE if rank == 0 else f"result.rank{rank}.json")
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    payload = {"status": status, "code": code, "message": message, "final_step": final_step, "rank": rank}
+    payload = {"status": status, "code": code, "message": message, "final_step": final_step, "rank": rank,
+               "summary": summary}
     with open(staging, "w") as handle:
         json.dump(payload, handle)
         handle.flush()

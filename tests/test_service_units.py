@@ -144,7 +144,7 @@ def test_run_job_writes_its_outcome(tmp_path, tiny_fibo_base):
     (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
     assert cli.main(["run-job", str(tmp_path / "job.json")]) == 0
     assert read_outcome(tmp_path / "out") == {"status": "completed", "code": None, "message": None, "final_step": 2,
-                                              "rank": 0}
+                                              "rank": 0, "summary": None}
     kept = json.loads((tmp_path / "out" / "job.json").read_text())  # the engine's copy, which a relaunch reads
     assert "engine_version" in kept and JobSpec.from_dict(kept).to_dict() == job.to_dict()
     broken = JobSpec(**{**job.__dict__, "base": str(tmp_path / "no-such-base"), "output_dir": str(tmp_path / "o2")})
