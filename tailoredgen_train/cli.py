@@ -135,23 +135,11 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_job(args: argparse.Namespace) -> int:
-    """Run a job.json and leave OUTPUT/result.json saying how it ended (see outcome.py)."""
-    from .outcome import write_outcome
+    """Run a job.json written by start_training; OUTPUT/result.json says how it ended (outcome.py)."""
     from .recipe import JobSpec, run_training
 
     job = JobSpec.from_dict(json.loads(Path(args.job_file).read_text()))
-    try:
-        run_training(job)
-    except Preempted as exc:
-        write_outcome(job.output_dir, "preempted", code=exc.code, message=exc.message)
-        raise
-    except TailoredGenError as exc:
-        write_outcome(job.output_dir, "failed", code=exc.code, message=exc.message)
-        raise
-    except Exception as exc:
-        write_outcome(job.output_dir, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}")
-        raise
-    write_outcome(job.output_dir, "completed", final_step=job.params.total_training_steps)
+    run_training(job, output_is_ours=True)  # the service made the folder for this job
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from .contract import ASPECT_RATIOS
 from .errors import ConfigError
 
 
@@ -145,11 +146,66 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class ValidationConfig:
+    """Sample images rendered during training with the family's own pipeline (main process only)."""
+
+    enabled: bool = True
+    prompts: list[str] | str | None = None
+    """A list of prompts, or a file with one per line (JSON captions for fibo, plain text for the
+    legacy families, which get the dataset's caption_prefix as at training time). null: `num_prompts`
+    captions of the training set, chosen deterministically."""
+    num_prompts: int = 4
+    every: int | None = None
+    """Also render every N steps (into OUTPUT/samples/step-N/); every checkpoint renders regardless."""
+    at_start: bool = True
+    """Render a baseline before step 1 (OUTPUT/samples/step-0/)."""
+    seed: int = 0
+    """The same seed at every render, so images are comparable across steps."""
+    num_inference_steps: int | None = None
+    """null: the family's pipeline default."""
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    resolution: int | None = None
+    """Rendered area ~ resolution^2; null: data.resolution (what the LoRA is trained at)."""
+    aspect_ratio: str = "1:1"
+    lora_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.enabled, bool), "validation.enabled", self.enabled, "use true or false")
+        prompts = self.prompts
+        _require(prompts is None or (isinstance(prompts, str) and prompts.strip() != "") or (
+            isinstance(prompts, list) and len(prompts) > 0 and all(isinstance(p, str) and p.strip() for p in prompts)),
+            "validation.prompts", prompts, "give a non-empty list of prompts, a file with one prompt per line, or null")
+        _require(isinstance(self.num_prompts, int) and 1 <= self.num_prompts <= 64, "validation.num_prompts",
+                 self.num_prompts, "use 1 to 64")
+        _require(self.every is None or (isinstance(self.every, int) and self.every >= 1), "validation.every",
+                 self.every, "use 1 or more, or null (render at checkpoints only)")
+        _require(isinstance(self.at_start, bool), "validation.at_start", self.at_start, "use true or false")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "validation.seed", self.seed,
+                 "use a non-negative integer")
+        _require(self.num_inference_steps is None or (isinstance(self.num_inference_steps, int)
+                                                       and 1 <= self.num_inference_steps <= 200),
+                 "validation.num_inference_steps", self.num_inference_steps, "use 1 to 200, or null")
+        _require(self.guidance_scale is None or (isinstance(self.guidance_scale, (int, float))
+                                                 and 0 <= self.guidance_scale <= 30),
+                 "validation.guidance_scale", self.guidance_scale, "use 0 to 30, or null")
+        _require(self.negative_prompt is None or isinstance(self.negative_prompt, str), "validation.negative_prompt",
+                 self.negative_prompt, "use a string or null")
+        _require(self.resolution is None or (isinstance(self.resolution, int) and self.resolution >= 64),
+                 "validation.resolution", self.resolution, "use 64 or more, or null (data.resolution)")
+        _require(self.aspect_ratio in ASPECT_RATIOS, "validation.aspect_ratio", self.aspect_ratio,
+                 f"use one of {', '.join(ASPECT_RATIOS)}")
+        _require(isinstance(self.lora_scale, (int, float)) and 0 <= self.lora_scale <= 1.5, "validation.lora_scale",
+                 self.lora_scale, "use 0 to 1.5")
+
+
+@dataclass(kw_only=True)
 class EngineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     model: dict[str, Any] = field(default_factory=dict)
     """Family-specific options, validated by the family (e.g. fibo: max_sequence_length)."""
 
@@ -161,7 +217,8 @@ class EngineConfig:
 
 
 _SIMPLE_TYPES: dict[Any, tuple[type, ...]] = {int: (int,), float: (float, int), bool: (bool,), str: (str,)}
-_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig, "run": RunConfig}
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig, "run": RunConfig,
+             "validation": ValidationConfig}
 
 
 def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:

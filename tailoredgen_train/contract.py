@@ -24,6 +24,8 @@ from .errors import (
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRAINING_MODES = ("fully_automated", "expert")
+# Bria's generation aspect ratios (W:H), for tailored generation and validation renders
+ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9")
 REQUEST_FIELDS = (
     "lr_scheduler",
     "learning_rate",

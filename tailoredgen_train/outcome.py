@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 RESULT_FILE = "result.json"
-Status = Literal["completed", "failed", "preempted"]
+Status = Literal["completed", "stopped", "failed", "preempted"]
+"""stopped: the run ended itself early (run.stop_after_steps); preempted: a signal stopped it."""
 
 
 def process_rank() -> int:

@@ -11,9 +11,11 @@ import gc
 import hashlib
 import json
 import logging
+import time
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -25,13 +27,20 @@ from .contract import TrainingParameters, canonical_version
 from .data import BucketBatchSampler, nearest_bucket, scale_buckets, validate_dataset
 from .engine.cache import CacheItem, CachedFeatures, CollateWithIndices, FeatureCache, fill_cache
 from .engine.checkpoint import Checkpointer, Storage
+from .engine.checkpoint_manager import CheckpointManager
 from .engine.preemption import StopFlag
+from .engine.run_log import run_log
 from .engine.lora import add_lora, lora_signature, trainable_parameters
 from .engine.schedule import build_lr_scheduler
 from .engine.speed import apply_block_policy, build_optimizer, bytes_of, resolve_checkpointing, resolve_host_sync
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
-from .errors import IncompatibleDatasetError, Preempted, ResumeError
+from .errors import IncompatibleDatasetError, Preempted, ResumeError, TailoredGenError
 from .families import family_for_version, load_version_map
+from .outcome import clear_outcome, process_rank, write_outcome
+from .report import MetricsLog, refresh_report, summarize_run
+
+if TYPE_CHECKING:  # the inference stack is imported only by runs that render samples
+    from .inference.validation import ValidationPlan, Validator
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,8 @@ class TrainingResult:
     output_dir: Path
     checkpoints: list[Path]
     history: list[StepRecord]
+    final_step: int
+    """The step the run ended at: below total_training_steps when run.stop_after_steps cut it short."""
     denoiser: torch.nn.Module
     """The trained denoiser with its LoRA (unwrapped), for in-process callers."""
 
@@ -168,9 +179,12 @@ class TrainingSetup:
 
 
 def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelerator, checkpointer: Checkpointer,
-                     stop_flag: StopFlag) -> TrainingSetup:
-    """From a loaded base to a ready Trainer: LoRA, feature cache, loader, optimizer, speed levers.
-    `train` and scripts/bench.py both go through here, so the benchmark times the real step."""
+                     stop_flag: StopFlag, validation: ValidationPlan | None = None,
+                     render_components: dict | None = None) -> TrainingSetup:
+    """From a loaded base to a ready Trainer: LoRA, feature cache, loader, optimizer, speed levers,
+    validation renders. `train` and scripts/bench.py both go through here, so the benchmark times
+    the real step. `render_components`: the renderer's text encoder/VAE/... when there is no base
+    folder to load them from (the benchmark's random full-size model)."""
     config, params = job.engine, job.params
     output_dir = Path(job.output_dir)
     targets = config.lora.target_modules or list(family.default_lora_targets)
@@ -218,9 +232,11 @@ def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelera
         "training_parameters": params.to_dict(),
         "engine_config": config.to_dict(),
     }
+    checkpoints = CheckpointManager(checkpointer, family=family, accelerator=accelerator, optimizer=optimizer,
+                                    lr_scheduler=lr_scheduler, identity=identity)
     trainer = Trainer(
         family=family, denoiser=denoiser, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
-        batches_from=batches_from, checkpointer=checkpointer, identity=identity,
+        batches_from=batches_from, checkpoints=checkpoints,
         sample_ids=[item.sample.sample_id for item in items],
         settings=TrainerSettings(
             total_steps=params.total_training_steps, checkpoint_steps=params.checkpoint_steps(),
@@ -230,22 +246,84 @@ def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelera
             sync_every_step=resolve_host_sync(config.run.host_sync, optimizer, accelerator.device),
         ),
         stop_flag=stop_flag,
+        validator=_validator(validation, family, job, accelerator, render_components),
     )
     return TrainingSetup(trainer=trainer, items=items, buckets=buckets, encoded=encoded, num_trainable=num_trainable,
                          batches_per_epoch=sampler.batches_per_epoch, checkpointing=checkpointing)
 
 
-def run_training(job: JobSpec, *, storage: Storage | None = None) -> TrainingResult:
+def _validator(plan: ValidationPlan | None, family, job: JobSpec, accelerator: Accelerator,
+               render_components: dict | None) -> Validator | None:
+    if plan is None:
+        return None
+    from .inference.render import TrainingRenderer
+    from .inference.validation import Validator
+
+    renderer = TrainingRenderer(family, job.base, device=accelerator.device, weight_dtype=weight_dtype_for(accelerator),
+                                components=render_components)
+    return Validator(plan, renderer, output_dir=Path(job.output_dir), accelerator=accelerator)
+
+
+class RunOutcome:
+    """Leaves OUTPUT/result.json (how the run ended, with its summary) and a final report.html, once
+    the output folder is this run's: after its checks, so that a refused run never overwrites the
+    result of the run already in that folder, or from the start for a folder made for the job."""
+
+    def __init__(self, output_dir: Path, *, owned: bool):
+        self.output_dir = output_dir
+        self.owned = owned
+        self.started = time.time()
+
+    def take_ownership(self, is_main_process: bool) -> None:
+        if is_main_process:
+            clear_outcome(self.output_dir)  # a previous attempt's result is not this one's
+        self.owned = True
+
+    def record(self, error: BaseException | None, final_step: int = 0, total_steps: int = 0) -> None:
+        if not self.owned:
+            return
+        main = process_rank() == 0
+        summary = summarize_run(self.output_dir, started_at=self.started) if main else None
+        if error is None and final_step < total_steps:
+            write_outcome(self.output_dir, "stopped", code="stop_after_steps", final_step=final_step, summary=summary,
+                          message=f"stopped after step {final_step} of {total_steps} (run.stop_after_steps); "
+                                  "--resume continues")
+        elif error is None:
+            write_outcome(self.output_dir, "completed", final_step=final_step, summary=summary)
+        elif isinstance(error, Preempted):
+            write_outcome(self.output_dir, "preempted", code=error.code, message=error.message, summary=summary)
+        elif isinstance(error, TailoredGenError):
+            write_outcome(self.output_dir, "failed", code=error.code, message=error.message, summary=summary)
+        else:
+            write_outcome(self.output_dir, "failed", code="internal_error",
+                          message=f"{type(error).__name__}: {error}", summary=summary)
+        if main:
+            refresh_report(self.output_dir)
+
+
+def run_training(job: JobSpec, *, storage: Storage | None = None, output_is_ours: bool = False) -> TrainingResult:
     """Run one job to its last step. SIGTERM/SIGINT stop it at a step boundary (Preempted, after
-    saving resume state); `storage` is the checkpoint file-system seam (tests inject faults)."""
+    saving resume state); `storage` is the checkpoint file-system seam (tests inject faults).
+    OUTPUT/result.json says how it ended, from the moment the folder is the run's (see RunOutcome;
+    `output_is_ours`: the caller made the folder for this job, as the service does). A process
+    that is killed writes nothing: no file means the run was lost, not that it failed."""
     stop_flag = StopFlag().install()
+    outcome = RunOutcome(Path(job.output_dir), owned=output_is_ours)
     try:
-        return _run(job, storage, stop_flag)
+        with ExitStack() as scope:
+            try:
+                result = _run(job, storage, stop_flag, scope, outcome)
+            except Exception as exc:
+                outcome.record(exc)
+                raise
+            outcome.record(None, final_step=result.final_step, total_steps=job.params.total_training_steps)
+            return result
     finally:
         stop_flag.restore()
 
 
-def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> TrainingResult:
+def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: ExitStack,
+         outcome: RunOutcome) -> TrainingResult:
     config, params = job.engine, job.params
     version_map = load_version_map(job.version_map)
     family = family_for_version(job.training_version, config.model, version_map)
@@ -261,17 +339,28 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
     checkpointer = Checkpointer(output_dir, is_main_process=main, storage=storage, config_hash=job.fingerprint())
     _check_output_dir(job, checkpointer, accelerator)
     accelerator.wait_for_everyone()
+    outcome.take_ownership(main)
+    scope.enter_context(run_log(output_dir, is_main_process=main))  # OUTPUT/train.log from here on
 
     report = validate_dataset(job.dataset_dir, caption_format=family.caption_format, min_side=config.data.min_side,
                               max_pixels=config.data.max_pixels, caption_prefix=job.caption_prefix)
     report.raise_if_invalid()
     samples = report.samples
+    # the prompts are checked now: a bad one fails before any model is loaded, not at step 100
+    validation = None
+    if config.validation.enabled:
+        from .inference.validation import plan_validation
+
+        validation = plan_validation(config, family, [(s.sample_id, s.caption) for s in samples], job.caption_prefix)
 
     # the LoRA init is the only draw from the global generators; the same seed gives the same run
     set_seed(config.run.seed)
     model = family.load(job.base, device=accelerator.device, weight_dtype=weight_dtype_for(accelerator))
-    setup = prepare_training(job, family, model, samples, accelerator, checkpointer, stop_flag)
+    setup = prepare_training(job, family, model, samples, accelerator, checkpointer, stop_flag, validation)
     trainer = setup.trainer
+    if main:  # OUTPUT/metrics.jsonl, and report.html rebuilt at each checkpoint
+        trainer.record_steps = scope.enter_context(closing(MetricsLog(output_dir))).extend
+        trainer.after_checkpoint = lambda step: refresh_report(output_dir)
     if job.resume:
         latest = _find_resume_state(checkpointer)
         if latest is None:
@@ -279,13 +368,15 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
                         "is rewritten with the same values)", output_dir)
         else:
             trainer.load_resume_state(latest)
-            accelerator.print(f"resumed from {latest} at step {trainer.progress.step}")
+            if main:
+                log.info("resumed from %s at step %d", latest, trainer.progress.step)
 
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "job.json").write_text(json.dumps({**job.to_dict(), "engine_version": __version__}, indent=1))
-    accelerator.print(_startup_summary(job, family.name, accelerator, len(samples), setup.encoded, setup.buckets,
-                                       setup.items, setup.num_trainable, setup.batches_per_epoch))
+    if main:
+        log.info(_startup_summary(job, family.name, accelerator, len(samples), setup.encoded, setup.buckets,
+                                  setup.items, setup.num_trainable, setup.batches_per_epoch, validation))
     accelerator.init_trackers("tailoredgen-train", config=_flat_hparams(job))
     trained = accelerator.unwrap_model(trainer.denoiser)
     try:
@@ -298,14 +389,18 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag) -> Training
         raise
     _shut_down(accelerator, trainer, every_process_agrees=True)
     checkpoints = [checkpointer.path_for(s) for s in params.checkpoint_steps() if checkpointer.path_for(s).is_dir()]
-    accelerator.print(_finish_summary(checkpoints))
-    return TrainingResult(output_dir=output_dir, checkpoints=checkpoints, history=history, denoiser=trained)
+    if main:
+        log.info(_finish_summary(checkpoints))
+    return TrainingResult(output_dir=output_dir, checkpoints=checkpoints, history=history,
+                          final_step=trainer.progress.step, denoiser=trained)
 
 
 def _shut_down(accelerator: Accelerator, trainer: Trainer, *, every_process_agrees: bool) -> None:
     """Free the DDP wrapper, then the process group, while every process is still there: a gloo
     group torn down by the wrapper's destructor after a peer exited can hang its process."""
     trainer.denoiser = accelerator.unwrap_model(trainer.denoiser)
+    if trainer.validator is not None:
+        trainer.validator.release()
     accelerator.free_memory()  # drops accelerate's references to the wrapper and its reducer
     gc.collect()
     if every_process_agrees:
@@ -320,7 +415,7 @@ def _flat_hparams(job: JobSpec) -> dict[str, Any]:
 
 
 def _startup_summary(job, family_name, accelerator, num_samples, encoded, buckets, items, num_trainable,
-                     batches_per_epoch) -> str:
+                     batches_per_epoch, validation: ValidationPlan | None) -> str:
     params, config = job.params, job.engine
     used = sorted({item.bucket for item in items})
     effective_batch = config.data.batch_size * config.optim.gradient_accumulation_steps * accelerator.num_processes
@@ -335,9 +430,20 @@ def _startup_summary(job, family_name, accelerator, num_samples, encoded, bucket
         f"effective batch: {effective_batch} = {config.data.batch_size} x {config.optim.gradient_accumulation_steps} "
         f"accumulation x {accelerator.num_processes} processes; {batches_per_epoch} micro-batches per epoch per process",
         f"LoRA: rank {params.rank}, alpha {params.rank}, {num_trainable:,} trainable parameters",
+        f"validation: {_validation_summary(validation)}",
         f"output: {job.output_dir}",
     ]
     return "\n".join(lines)
+
+
+def _validation_summary(plan: ValidationPlan | None) -> str:
+    if plan is None:
+        return "off (validation.enabled=false)"
+    when = ["before step 1"] if plan.at_start else []
+    when.append("at every checkpoint")
+    if plan.every:
+        when.append(f"every {plan.every} steps")
+    return f"{len(plan.prompts)} prompt(s), {', '.join(when)}"
 
 
 def _finish_summary(checkpoints: list[Path]) -> str:

@@ -13,8 +13,10 @@ from tailoredgen_train.recipe import JobSpec, TrainingResult, run_training
 
 
 def tiny_engine(**sections) -> EngineConfig:
-    """The demo's engine settings, quiet: every step logged to nothing, no trackers."""
-    raw = {"data": {"resolution": 128, "min_side": 128}, "run": {"log_with": "none", "log_every": 1}}
+    """The demo's engine settings, quiet: every step logged to nothing, no trackers, no validation
+    renders (tests/test_validation.py turns them on)."""
+    raw = {"data": {"resolution": 128, "min_side": 128}, "run": {"log_with": "none", "log_every": 1},
+           "validation": {"enabled": False}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return engine_config_from_dict(raw)

@@ -143,8 +143,13 @@ def test_run_job_writes_its_outcome(tmp_path, tiny_fibo_base):
                   output_dir=str(tmp_path / "out"), training_version="fibo", params=params(2), engine=tiny_engine())
     (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
     assert cli.main(["run-job", str(tmp_path / "job.json")]) == 0
-    assert read_outcome(tmp_path / "out") == {"status": "completed", "code": None, "message": None, "final_step": 2,
-                                              "rank": 0, "summary": None}
+    outcome = read_outcome(tmp_path / "out")
+    summary = outcome.pop("summary")
+    assert outcome == {"status": "completed", "code": None, "message": None, "final_step": 2, "rank": 0}
+    assert summary["steps_done"] == summary["total_steps"] == 2
+    assert summary["checkpoints"] == [{"step": 2, "path": "checkpoint-2"}]
+    assert summary["final_loss"] is not None and summary["wall_time_s"] > 0
+    assert (tmp_path / "out" / "report.html").is_file()
     kept = json.loads((tmp_path / "out" / "job.json").read_text())  # the engine's copy, which a relaunch reads
     assert "engine_version" in kept and JobSpec.from_dict(kept).to_dict() == job.to_dict()
     broken = JobSpec(**{**job.__dict__, "base": str(tmp_path / "no-such-base"), "output_dir": str(tmp_path / "o2")})

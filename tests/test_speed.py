@@ -105,11 +105,11 @@ def deferred_trainer(scales: list[float], *, log_every: int, max_nonfinite: int)
     scheduler.get_last_lr.return_value = [0.1]
     return Trainer(
         family=ScaleFamily(), denoiser=denoiser, optimizer=optimizer, lr_scheduler=scheduler,
-        accelerator=Accelerator(cpu=True), batches_from=lambda cursor: batches, checkpointer=MagicMock(),
+        accelerator=Accelerator(cpu=True), batches_from=lambda cursor: batches, checkpoints=MagicMock(),
         settings=TrainerSettings(total_steps=len(scales), checkpoint_steps=[], gradient_accumulation_steps=1,
                                  max_grad_norm=1.0, seed=0, log_every=log_every, max_consecutive_nonfinite=max_nonfinite,
                                  sync_every_step=False),
-        identity={}, progress=Progress(),
+        progress=Progress(),
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from tailoredgen_train.engine.checkpoint_manager import CheckpointManager
 from tailoredgen_train.engine.trainer import Progress, Trainer, TrainerSettings, step_seed
 from tailoredgen_train.errors import NonFiniteLossError
 
@@ -33,11 +34,11 @@ def bare_trainer(accumulation: int = 1, max_grad_norm: float = 1.0, max_nonfinit
     scheduler.get_last_lr.return_value = [1e-4]
     return Trainer(
         family=FakeFamily(), denoiser=denoiser, optimizer=optimizer, lr_scheduler=scheduler,
-        accelerator=Accelerator(cpu=True), batches_from=lambda cursor: iter(()), checkpointer=MagicMock(),
+        accelerator=Accelerator(cpu=True), batches_from=lambda cursor: iter(()), checkpoints=MagicMock(),
         settings=TrainerSettings(total_steps=10, checkpoint_steps=[], gradient_accumulation_steps=accumulation,
                                  max_grad_norm=max_grad_norm, seed=3, log_every=1,
                                  max_consecutive_nonfinite=max_nonfinite),
-        identity={}, progress=Progress(step=4, cursor=8),
+        progress=Progress(step=4, cursor=8),
     )
 
 
@@ -110,13 +111,17 @@ def test_step_seeds_differ_by_step_micro_batch_and_process():
 
 
 def test_non_finite_weights_are_never_saved(monkeypatch):
-    import tailoredgen_train.engine.trainer as trainer_module
+    import tailoredgen_train.engine.checkpoint_manager as manager_module
 
     trainer = bare_trainer()
-    monkeypatch.setattr(trainer_module, "lora_state_dict", lambda model: {"a.lora_A.weight": torch.tensor([float("nan")])})
+    checkpointer = MagicMock()
+    trainer.checkpoints = CheckpointManager(checkpointer, family=FakeFamily(), accelerator=trainer.accelerator,
+                                            optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler,
+                                            identity={})
+    monkeypatch.setattr(manager_module, "lora_state_dict", lambda model: {"a.lora_A.weight": torch.tensor([float("nan")])})
     with pytest.raises(NonFiniteLossError, match="refusing to save"):
         trainer.save_checkpoint()
     with pytest.raises(NonFiniteLossError, match="refusing to save"):
         trainer.save_resume_state()
-    trainer.checkpointer.publish.assert_not_called()
-    trainer.checkpointer.save_resume.assert_not_called()
+    checkpointer.publish.assert_not_called()
+    checkpointer.save_resume.assert_not_called()

@@ -9,8 +9,6 @@ and the batch order is a pure function of (seed, cursor).
 from __future__ import annotations
 
 import gc
-import io
-import json
 import logging
 import math
 import sys
@@ -18,19 +16,21 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointWriteError, NonFiniteLossError, OutOfMemoryError, Preempted, ResumeError
+from ..errors import NonFiniteLossError, OutOfMemoryError, Preempted
 from ..families import ModelFamily
-from .checkpoint import Checkpointer
-from .lora import adapter_metadata, load_lora_state, lora_state_dict, trainable_parameters
+from .checkpoint_manager import CheckpointManager, any_process
+from .lora import trainable_parameters
 from .preemption import StopFlag
+from .run_log import console_shows_bar, progress_log
+
+if TYPE_CHECKING:
+    from ..inference.validation import Validator
 
 log = logging.getLogger(__name__)
 Batch = tuple[list[int], dict[str, torch.Tensor]]
@@ -88,14 +88,19 @@ class Trainer:
     accelerator: Accelerator
     batches_from: Callable[[int], Iterator[Batch]]
     """cursor -> this process's batches from that position on."""
-    checkpointer: Checkpointer
+    checkpoints: CheckpointManager
     settings: TrainerSettings
-    identity: dict[str, Any]
-    """What a resume state must match to be resumed here (base fingerprint, LoRA shape, ...)."""
     sample_ids: list[str] = field(default_factory=list)
     stop_flag: StopFlag = field(default_factory=StopFlag)
     progress: Progress = field(default_factory=Progress)
     history: list[StepRecord] = field(default_factory=list)
+    validator: Validator | None = None
+    """Renders sample images at checkpoints (and every `validation.every` steps) on the main process."""
+    record_steps: Callable[[list[StepRecord]], None] | None = None
+    """Receives each step's record once its values are on the host (metrics.jsonl), main process only."""
+    after_checkpoint: Callable[[int], None] | None = None
+    """Called on the main process once a checkpoint is committed (the run report is rebuilt)."""
+    _recorded: int = field(default=0, repr=False)
     _pending: list[tuple[StepRecord, torch.Tensor]] = field(default_factory=list, repr=False)
     """Steps whose loss/grad norm/skip flag are still on the device (sync_every_step=False)."""
 
@@ -103,12 +108,12 @@ class Trainer:
 
     def train(self) -> list[StepRecord]:
         settings = self.settings
+        main = self.accelerator.is_main_process
+        self._render_baseline()
         batches = self.batches_from(self.progress.cursor)
+        # a terminal gets the bar, a pipe or file the step lines (run_log.py): never both
         bar = tqdm(total=settings.total_steps, initial=self.progress.step, desc="train",
-                   disable=not self.accelerator.is_main_process, dynamic_ncols=True,
-                   # into a log file (a batch job, the service's train.log): one update per 30 s, not per step
-                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
-        to_log_file = not sys.stderr.isatty() and self.accelerator.is_main_process
+                   disable=not (main and console_shows_bar()), dynamic_ncols=True)
         while self.progress.step < settings.total_steps:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(settings.gradient_accumulation_steps)]
@@ -124,17 +129,21 @@ class Trainer:
                 self._resolve_pending()  # the only host sync when sync_every_step is off
                 bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}", refresh=False)
             record.seconds = time.perf_counter() - started  # after the sync, when the step has one
+            if synced:
+                self._record_resolved_steps()
             bar.update(1)
             if logging_step:
                 self.accelerator.log({"train/loss": record.loss, "train/lr": record.lr,
                                       "train/grad_norm": record.grad_norm, "train/step_s": record.seconds,
                                       "train/skipped": float(record.skipped)}, step=self.progress.step)
-                if to_log_file:  # what the progress bar shows a terminal, as a line a log file keeps
-                    log.info("step %d/%d: loss %.4f, lr %.2e, grad_norm %.3f, %.3f s/step%s", step,
-                             settings.total_steps, record.loss, record.lr, record.grad_norm, record.seconds,
-                             " (skipped: not finite)" if record.skipped else "")
+                if main:  # what the progress bar shows a terminal, as a line a log file keeps
+                    progress_log.info("step %d/%d: loss %.4f, lr %.2e, grad_norm %.3f, %.3f s/step%s", step,
+                                      settings.total_steps, record.loss, record.lr, record.grad_norm, record.seconds,
+                                      " (skipped: not finite)" if record.skipped else "")
             if self.progress.step in settings.checkpoint_steps:
                 self.save_checkpoint()
+            elif self.validator is not None and self.validator.plan.renders_between_checkpoints(step):
+                self._render_between_checkpoints(step)
             # with several processes the vote is a collective: taken at sync points unless every step syncs
             if (synced or self.accelerator.num_processes == 1) and self._any_process(
                     self.stop_flag.requested is not None):
@@ -146,8 +155,37 @@ class Trainer:
                 log.warning("stopping after step %d (run.stop_after_steps); --resume continues", self.progress.step)
                 break
         self._resolve_pending()
+        self._record_resolved_steps()
         bar.close()
         return self.history
+
+    def _record_resolved_steps(self) -> None:
+        """Hand the steps whose values are now on the host to `record_steps`, each once."""
+        if self.record_steps is not None and self.accelerator.is_main_process and self._recorded < len(self.history):
+            self.record_steps(self.history[self._recorded:])
+        self._recorded = len(self.history)
+
+    # ---- validation renders -------------------------------------------------------------------
+
+    def _render_baseline(self) -> None:
+        """Samples of the base model before step 1, once per run (a resume past step 0 has none to make)."""
+        validator = self.validator
+        if validator is None or not validator.plan.at_start or self.progress.step != 0:
+            return
+        if self.accelerator.is_main_process and not validator.baseline_exists():
+            self._write_samples_safely(0, validator.render(self.denoiser, 0))
+        self.accelerator.wait_for_everyone()  # the other processes wait for the main one's render
+
+    def _render_between_checkpoints(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            self._write_samples_safely(step, self.validator.render(self.denoiser, step))
+        self.accelerator.wait_for_everyone()
+
+    def _write_samples_safely(self, step: int, images) -> None:
+        try:
+            self.validator.write_between_checkpoints(step, images)
+        except OSError as exc:  # samples are a view of training, not a reason to stop it
+            log.warning("could not write the validation samples of step %d: %s", step, exc)
 
     def _guarded_step(self, micro_batches: list[Batch]) -> StepRecord:
         try:
@@ -161,7 +199,7 @@ class Trainer:
                 f"out of memory in step {self.progress.step + 1} ({str(exc).splitlines()[0]}). Lower the memory "
                 "a step needs: set run.gradient_checkpointing=true, a lower data.resolution, a smaller "
                 "data.batch_size (with more optim.gradient_accumulation_steps to keep the effective batch), "
-                f"or fewer processes per GPU. The checkpoints in {self.checkpointer.output_dir} are intact; "
+                f"or fewer processes per GPU. The checkpoints in {self.checkpoints.output_dir} are intact; "
                 "--resume continues from the newest."
             ) from None
 
@@ -247,17 +285,13 @@ class Trainer:
                 f"step {step + 1}: loss={loss_value} grad_norm={grad_value}, the "
                 f"{self.progress.consecutive_nonfinite}th non-finite step in a row (optim.max_consecutive_nonfinite="
                 f"{limit}). Lower the learning rate or check the dataset; no update was applied, and the newest "
-                f"valid resume state in {self.checkpointer.output_dir} can be resumed."
+                f"valid resume state in {self.checkpoints.output_dir} can be resumed."
             )
         log.warning("step %d: loss=%s grad_norm=%s is not finite; update skipped (%d in a row, limit %d)",
                     step + 1, loss_value, grad_value, self.progress.consecutive_nonfinite, limit)
 
     def _any_process(self, flag: bool) -> bool:
-        """True on every process if it is true on any: processes must take the same branch."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        votes = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
-        return bool(votes.item() > 0)
+        return any_process(self.accelerator, flag)
 
     def _stop_for_signal(self) -> None:
         signum = self.stop_flag.requested or 15
@@ -265,73 +299,26 @@ class Trainer:
             self.save_resume_state()
         raise Preempted(
             f"stopped by signal {signum} after step {self.progress.step}; resume state saved in "
-            f"{self.checkpointer.resume_path_for(self.progress.step)}. Run again with --resume to continue.",
+            f"{self.checkpoints.resume_path_for(self.progress.step)}. Run again with --resume to continue.",
             signum,
         )
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.progress.step, "cursor": self.progress.cursor,
-                "consecutive_nonfinite": self.progress.consecutive_nonfinite,
-                "lr_scheduler": self.lr_scheduler.state_dict(), "identity": self.identity}
-
-    def _lora_state(self) -> dict[str, torch.Tensor]:
-        state = lora_state_dict(self.accelerator.unwrap_model(self.denoiser))
-        bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
-        if bad:
-            raise NonFiniteLossError(f"LoRA weights are not finite after step {self.progress.step} "
-                                     f"({bad[:3]}); refusing to save them")
-        return state
-
     def save_checkpoint(self) -> Path:
-        """Publish the LoRA for this step, then the resume state (a crash in between redoes the step)."""
-        unwrapped = self.accelerator.unwrap_model(self.denoiser)
-        state = self._lora_state()
-        path = self._on_every_process(lambda: self.checkpointer.publish(
-            self.progress.step, lambda directory: self.family.save_lora(directory, state, adapter_metadata(unwrapped))))
-        self.save_resume_state(state)
+        """Publish this step's LoRA with its validation samples (one commit: the samples exist
+        exactly when their checkpoint does), then its resume state."""
+        step = self.progress.step
+        images = self.validator.render(self.denoiser, step) if self.validator is not None else None
+        path = self.checkpoints.save(self.denoiser, self.progress, extra=(
+            (lambda staging: self.validator.write_into_checkpoint(staging, images)) if images else None))
+        if self.after_checkpoint is not None and self.accelerator.is_main_process:
+            self.after_checkpoint(step)
         return path
 
-    def save_resume_state(self, lora_state: dict[str, torch.Tensor] | None = None) -> Path:
-        optimizer_bytes = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), optimizer_bytes)
-        files = {
-            "adapter.safetensors": save_safetensors(lora_state if lora_state is not None else self._lora_state()),
-            "optimizer.pt": optimizer_bytes.getvalue(),
-            "state.json": json.dumps(self.state_dict(), indent=1).encode(),
-        }
-        return self._on_every_process(lambda: self.checkpointer.save_resume(self.progress.step, files))
-
-    def _on_every_process(self, write: Callable[[], Path]) -> Path:
-        """Run a checkpoint write (only the main process really writes) and make its failure every
-        process's failure, so that none is left waiting at the next collective."""
-        error: CheckpointWriteError | None = None
-        try:
-            path = write()
-        except CheckpointWriteError as exc:
-            error = exc
-        if self._any_process(error is not None):
-            raise error or CheckpointWriteError("the main process could not write a checkpoint; see its error")
-        return path
+    def save_resume_state(self) -> Path:
+        return self.checkpoints.save_resume(self.denoiser, self.progress)
 
     def load_resume_state(self, path: Path) -> None:
-        """Restore LoRA, optimizer, LR schedule and counters; refuse a state made for another setup."""
-        state = json.loads((path / "state.json").read_text())
-        saved = state["identity"]
-        for key in ("base_fingerprint", "family", "lora"):
-            if saved.get(key) != self.identity.get(key):
-                raise ResumeError(
-                    f"cannot resume from {path}: its {key} is {saved.get(key)!r} but this run has "
-                    f"{self.identity.get(key)!r}. Resume with the same base model and LoRA settings, or start "
-                    "a new run in a fresh output directory."
-                )
-        for key in ("training_parameters", "engine_config"):
-            if saved.get(key) != self.identity.get(key):
-                log.warning("resuming %s with a different %s than it was saved with", path, key)
-        unwrapped = self.accelerator.unwrap_model(self.denoiser)
-        load_lora_state(unwrapped, load_safetensors((path / "adapter.safetensors").read_bytes()))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.progress = Progress(step=state["step"], cursor=state["cursor"],
-                                 consecutive_nonfinite=state.get("consecutive_nonfinite", 0))
+        """Continue from a resume state (refused when it was made for another setup)."""
+        self.progress = Progress(**self.checkpoints.restore(self.denoiser, path))

@@ -145,7 +145,7 @@ class JobRunner:
         state = outcome["status"] if outcome else None
         if state == "completed":
             self._settle(model_id, job, "Completed", final_step=outcome.get("final_step"))
-        elif status == "Stopping":
+        elif status == "Stopping" or state == "stopped":  # asked to stop, or stopped itself (stop_after_steps)
             self._settle(model_id, job, "Stopped")
         elif state == "failed":
             self._settle(model_id, job, "Failed", code=outcome.get("code"), message=outcome.get("message"))
