@@ -142,3 +142,23 @@ def test_every_bad_input_is_one_coded_line_naming_the_flag(runs, tmp_path, capsy
         assert len(errors) == 1 and errors[0] == stderr.splitlines()[-1], (args, stderr)
         assert errors[0].startswith(f"error [{code_name}]: ") and flag in errors[0], (args, errors)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_checkpoint_is_never_picked(runs, tmp_path):
+    import shutil
+
+    from tailoredgen_train.errors import LoraFileError
+    from tailoredgen_train.inference import find_lora
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["bria-3.2"][1], run)
+    newest = run / "checkpoint-200" / LORA_FILE
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte: only the manifest's sha256 notices
+    newest.write_bytes(bytes(data))
+    source = find_lora(run)
+    assert source.step == 100 and "step 100" in source.note and source.caption_prefix == PREFIX
+    assert source.family_name == "bria-3.2" and source.training_resolution == 64
+    with pytest.raises(LoraFileError, match="damaged"):
+        find_lora(run, 200)
+    assert find_lora(newest).job is not None  # the file alone still finds its run
