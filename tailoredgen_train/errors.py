@@ -39,12 +39,13 @@ class InvalidParameterError(TailoredGenError):
 
     code = "invalid_parameter"
     http_status = 400
+    subject: ClassVar[str] = "training parameter"
 
     def __init__(self, errors: list[FieldError]):
         assert errors, "InvalidParameterError needs at least one FieldError"
         self.errors = list(errors)
         text = "; ".join(f"{e.field_name}={e.field_input}: {e.msg}" for e in self.errors)
-        super().__init__(f"Invalid training parameter(s): {text}")
+        super().__init__(f"Invalid {self.subject}(s): {text}")
 
     @classmethod
     def single(cls, field_name: str, value: Any, msg: str) -> InvalidParameterError:
@@ -52,6 +53,26 @@ class InvalidParameterError(TailoredGenError):
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "errors": [asdict(e) for e in self.errors]}
+
+
+class InvalidGenerationParameterError(InvalidParameterError):
+    """A generation setting is out of range (400): the same code and body as any bad field."""
+
+    subject = "generation parameter"
+
+
+class PromptError(TailoredGenError):
+    """A FIBO prompt that is not a structured JSON object (400)."""
+
+    code = "structured_prompt_required"
+    http_status = 400
+
+
+class LoraFileError(TailoredGenError):
+    """A LoRA file that is missing, unreadable, or not made for the base it is loaded into (400)."""
+
+    code = "lora_invalid"
+    http_status = 400
 
 
 class ExpertModeRequiredError(TailoredGenError):

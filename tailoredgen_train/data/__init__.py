@@ -8,10 +8,11 @@ from tailoredgen_train.data.buckets import (
     crop_geometry,
     nearest_bucket,
     resize_and_center_crop,
+    round_to_multiple,
     scale_buckets,
     to_tensor,
 )
-from tailoredgen_train.data.captions import normalize_json_caption, normalize_text_caption
+from tailoredgen_train.data.captions import apply_caption_prefix, normalize_json_caption, normalize_text_caption
 from tailoredgen_train.data.images import IMAGE_EXTENSIONS, ImageProblem, load_rgb
 from tailoredgen_train.data.metadata import MetadataRow, read_metadata
 from tailoredgen_train.data.preflight import PreflightReport, Problem, Sample, validate_dataset
@@ -25,6 +26,7 @@ SAMPLE_TEXT_CAPTION_PREFIX = "A minimalist flat illustration of"
 
 __all__ = [
     "FIBO_BUCKETS_1024",
+    "apply_caption_prefix",
     "CropGeometry",
     "crop_geometry",
     "IMAGE_EXTENSIONS",
@@ -43,6 +45,7 @@ __all__ = [
     "normalize_text_caption",
     "read_metadata",
     "resize_and_center_crop",
+    "round_to_multiple",
     "scale_buckets",
     "to_tensor",
     "validate_dataset",

@@ -36,13 +36,13 @@ def scale_buckets(base: Sequence[Bucket], resolution: int, multiple: int) -> tup
     factor = resolution / 1024
     out: list[Bucket] = []
     for w, h in base:
-        scaled = (_round_to(w * factor, multiple), _round_to(h * factor, multiple))
+        scaled = (round_to_multiple(w * factor, multiple), round_to_multiple(h * factor, multiple))
         if scaled not in out:
             out.append(scaled)
     return tuple(out)
 
 
-def _round_to(value: float, multiple: int) -> int:
+def round_to_multiple(value: float, multiple: int) -> int:
     """Nearest multiple (half-up, so results never hinge on banker's rounding), at least `multiple`."""
     return max(multiple, math.floor(value / multiple + 0.5) * multiple)
 

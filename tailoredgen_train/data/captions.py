@@ -48,3 +48,12 @@ def normalize_text_caption(text: str) -> str:
         if ch not in _ALLOWED_CONTROL and unicodedata.category(ch) == "Cc":
             raise ValueError(f"caption contains control character {ch!r} at position {i}; remove it")
     return stripped
+
+
+def apply_caption_prefix(caption: str, prefix: str | None) -> str:
+    """A legacy dataset's caption_prefix before a normalised caption, with one space at the join; a
+    blank prefix adds nothing. Training and generation both go through here, so a LoRA is prompted
+    exactly as it was trained."""
+    if prefix and prefix.strip():
+        return prefix.rstrip() + " " + caption
+    return caption

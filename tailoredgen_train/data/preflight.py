@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from tailoredgen_train.data.captions import normalize_json_caption, normalize_text_caption
+from tailoredgen_train.data.captions import apply_caption_prefix, normalize_json_caption, normalize_text_caption
 from tailoredgen_train.data.images import IMAGE_EXTENSIONS, ImageProblem, has_image_extension, load_rgb
 from tailoredgen_train.data.metadata import CSV_NAME, JSONL_NAME, MetadataRow, Problem, read_metadata
 from tailoredgen_train.errors import DatasetInvalidError
@@ -231,9 +231,7 @@ def _check_caption(caption: str | None, caption_format: str, caption_prefix: str
         text = normalize_text_caption(caption)
     except ValueError as e:
         return _Reject("invalid_caption", str(e))
-    if caption_prefix and caption_prefix.strip():
-        text = caption_prefix.rstrip() + " " + text  # text is already stripped: one space at the join
-    return text
+    return apply_caption_prefix(text, caption_prefix)
 
 
 def _sha256(path: Path) -> str:

@@ -6,6 +6,7 @@ the `max` and `light` aliases elsewhere (`--version-map FILE`) without touching 
 
 from __future__ import annotations
 
+import json
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,8 +14,8 @@ from typing import Any, Mapping
 import yaml
 
 from ..contract import canonical_version
-from ..errors import ConfigError, UnknownTrainingVersionError
-from .base import LoadedModel, ModelFamily
+from ..errors import BaseModelError, ConfigError, UnknownTrainingVersionError
+from .base import LoadedModel, ModelFamily, is_local_path
 
 # family name -> "module:Class"; imported lazily so that a family's heavy imports cost nothing
 # until it is used.
@@ -67,4 +68,28 @@ def family_for_version(
     return family_class(name)(options)
 
 
-__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "family_class", "family_for_version", "load_version_map"]
+def family_for_base(base: str, options: Mapping[str, Any] | None = None) -> ModelFamily:
+    """The family whose pipeline a diffusers-format base (folder or hub id) was saved with, from
+    its model_index.json `_class_name`."""
+    try:
+        if is_local_path(base):
+            index = json.loads((Path(base).expanduser() / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+
+            index = DiffusionPipeline.load_config(base)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(
+            f"base model {base} is not a diffusers-format pipeline ({type(exc).__name__}: {exc}); pass a directory "
+            "saved by the family's pipeline (save_pretrained), with its model_index.json, or a hub id this machine "
+            "can reach.") from None
+    found = index.get("_class_name") if isinstance(index, dict) else None
+    classes = {family_class(name).pipeline_class_name: name for name in FAMILIES}
+    if found not in classes:
+        raise BaseModelError(f"base model {base} is a {found or 'unnamed'} pipeline; the families here use "
+                             f"{', '.join(f'{c} ({n})' for c, n in classes.items())}.")
+    return family_class(classes[found])(options)
+
+
+__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "family_class", "family_for_base", "family_for_version",
+           "load_version_map"]

@@ -2,8 +2,10 @@
 
 A family (FIBO, Bria 3.2, Bria 2.3, ...) knows how to load its diffusers components, turn an image
 and a caption into cached features, batch them, compute the training loss, which modules LoRA
-adapts, and how a LoRA file is written so that the family's diffusers pipeline loads it. The
-trainer, the cache and `start_training` only talk to this interface.
+adapts, and how a LoRA file is written so that the family's diffusers pipeline loads it. For
+generation it knows its pipeline, how to load a LoRA file into it, its sampling defaults and what a
+prompt must look like. The trainer, the cache, `start_training` and `inference/` only talk to this
+interface.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import json
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal, Mapping
 
+import safetensors
 import torch
 from torch import nn
 
-from ..data import CropGeometry
-from ..errors import BaseModelError, ConfigError
+from ..data import CropGeometry, apply_caption_prefix, normalize_text_caption
+from ..errors import BaseModelError, ConfigError, InvalidGenerationParameterError, LoraFileError
 
 
 @dataclass
@@ -34,6 +38,12 @@ class LoadedModel:
     fingerprint: str
     """Identifies the base weights: part of every cache key and checked when resuming."""
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def is_local_path(base: str) -> bool:
+    """Whether `base` is meant as a folder (absolute, ./, ~, or existing) rather than a hub id."""
+    path = Path(base).expanduser()
+    return path.is_absolute() or base.startswith((".", "~")) or path.exists()
 
 
 def base_fingerprint(base: str, *configs: Mapping[str, Any]) -> str:
@@ -77,6 +87,11 @@ class ModelFamily(ABC):
     base_components: ClassVar[tuple[str, ...]]
     """Subfolders a diffusers-format base of this family has."""
     hub_id: ClassVar[str]
+    denoiser_component: ClassVar[str] = "transformer"
+    """The pipeline component that carries the LoRA (`unet` for SDXL)."""
+    generation_steps: ClassVar[int]
+    generation_guidance: ClassVar[float]
+    generation_resolution: ClassVar[int] = 1024
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = self.options_cls.from_mapping(dict(options or {}), self.name)
@@ -84,9 +99,9 @@ class ModelFamily(ABC):
     def check_base(self, base: str) -> None:
         """Fail early, with the fix, when `base` is meant as a local folder but is not this family's.
         Anything that looks like a path (absolute, ./, ~, or existing) is a folder; else a hub id."""
-        path = Path(base).expanduser()
-        if not (path.is_absolute() or base.startswith((".", "~")) or path.exists()):
+        if not is_local_path(base):
             return
+        path = Path(base).expanduser()
         fix = (f"Pass a directory saved by {self.pipeline_class_name}.save_pretrained, the hub id {self.hub_id}, "
                f"or build a tiny one with: tailoredgen-train make-tiny-base --family {self.name} DIR")
         if not path.is_dir():
@@ -159,3 +174,119 @@ class ModelFamily(ABC):
     def release_encoders(self, model: LoadedModel) -> None:
         """Free the frozen encoders once every feature is cached."""
         model.encoders.clear()
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @property
+    def pipeline_class(self) -> type:
+        return getattr(import_module("diffusers"), self.pipeline_class_name)
+
+    @property
+    def generation_multiple(self) -> int:
+        """Generated image sides are multiples of this."""
+        return self.bucket_multiple
+
+    def load_pipeline(self, base: str, *, device: torch.device | str, dtype: torch.dtype):
+        """The family's full diffusers pipeline from a diffusers-format base, on `device`."""
+        return self._load_pipeline(base, dtype=dtype).to(device)
+
+    def load_pipeline_parts(self, base: str, *, dtype: torch.dtype):
+        """The pipeline without its denoiser, on the host: text encoder(s), tokenizer(s), VAE and
+        scheduler from `base`; `attach_denoiser` completes it."""
+        return self._load_pipeline(base, dtype=dtype, **{self.denoiser_component: None})
+
+    def _load_pipeline(self, base: str, *, dtype: torch.dtype, **components):
+        self.check_base(base)
+        with self.loading_errors(base):
+            pipeline = self.pipeline_class.from_pretrained(base, torch_dtype=dtype, **components)
+        self.fix_pipeline_precision(pipeline)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def fix_pipeline_precision(self, pipeline) -> None:
+        """Keep in fp32 what the family's pipeline documents must stay fp32."""
+
+    def attach_denoiser(self, pipeline, denoiser: nn.Module | None):
+        """Put `denoiser` (e.g. the one being trained, LoRA inside) into `pipeline` with a fresh
+        scheduler (a render must not inherit another's timesteps); None empties the slot."""
+        setattr(pipeline, self.denoiser_component, denoiser)
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+        return pipeline
+
+    def lora_owner(self, pipeline):
+        """What holds the pipeline's LoRA API (load, enable/disable, set_adapters, delete): the
+        pipeline where it has a LoRA loader mixin (FIBO's Flux mixin, SDXL's), else its denoiser."""
+        return pipeline
+
+    def load_lora(self, pipeline, lora_file: Path, adapter_name: str) -> None:
+        """Load a LoRA file (as `save_lora` writes it) into `pipeline` as adapter `adapter_name`,
+        with the pipeline's own loader; a file that does not fit the denoiser is refused."""
+        lora_file = Path(lora_file)
+        keys = lora_file_keys(lora_file)
+        try:
+            self._load_lora_weights(pipeline, lora_file, adapter_name)
+        except torch.OutOfMemoryError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, safetensors.SafetensorError) as exc:
+            self.unload_lora(pipeline, adapter_name)
+            raise LoraFileError(f"LoRA file {lora_file} cannot be loaded into this {self.name} base: "
+                                f"{str(exc).splitlines()[0]}") from None
+        loaded = _adapter_keys(getattr(pipeline, self.denoiser_component), adapter_name)
+        ours = {k[len(self.lora_key_prefix) + 1:] for k in keys if k.startswith(self.lora_key_prefix + ".")}
+        # our files name every adapted module; a converted third-party format is judged by what loaded
+        if not loaded or (ours and ours != loaded):
+            self.unload_lora(pipeline, adapter_name)
+            raise LoraFileError(
+                f"LoRA file {lora_file} does not fit this {self.name} base: {len(ours)} of its tensors are for "
+                f"its {self.denoiser_component}, and the {self.denoiser_component} has {len(loaded)} LoRA tensors "
+                f"after loading it. Use a LoRA trained on this base.")
+
+    def _load_lora_weights(self, pipeline, lora_file: Path, adapter_name: str) -> None:
+        pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name)
+
+    def activate_lora(self, pipeline, adapter_name: str | None, scale: float = 1.0) -> None:
+        """Make `adapter_name` the only active adapter, at `scale` (the LoRA's influence: PEFT sets
+        each layer's scaling to scale * alpha / r); None runs the base alone."""
+        owner = self.lora_owner(pipeline)
+        if adapter_name is None:
+            if getattr(getattr(pipeline, self.denoiser_component), "peft_config", None):
+                owner.disable_lora()
+            return
+        owner.enable_lora()
+        owner.set_adapters([adapter_name], [scale])
+
+    def unload_lora(self, pipeline, adapter_name: str) -> None:
+        if adapter_name in (getattr(getattr(pipeline, self.denoiser_component), "peft_config", None) or {}):
+            self.lora_owner(pipeline).delete_adapters([adapter_name])
+
+    def prepare_prompt(self, text: str, prefix: str | None = None) -> str:
+        """A prompt as training saw its captions: normalised, then the generation prefix (a legacy
+        dataset's caption_prefix) prepended by the same rule."""
+        try:
+            caption = normalize_text_caption(text)
+        except ValueError as exc:
+            raise InvalidGenerationParameterError.single("prompt", text, str(exc).replace("caption", "prompt", 1)) \
+                from None
+        return apply_caption_prefix(caption, prefix)
+
+
+def lora_file_keys(lora_file: Path) -> list[str]:
+    """The tensor names of a LoRA file, read from its header alone (cheap: check before loading a base)."""
+    try:
+        with safetensors.safe_open(str(lora_file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise LoraFileError(f"LoRA file {lora_file} is not a readable safetensors file: {exc}") from None
+    if not any("lora" in key for key in keys):
+        raise LoraFileError(f"{lora_file} holds no LoRA tensors (no tensor name contains 'lora'); pass the "
+                            "pytorch_lora_weights.safetensors of a checkpoint")
+    return keys
+
+
+def _adapter_keys(denoiser: nn.Module, adapter_name: str) -> set[str]:
+    """PEFT names (no component prefix, no adapter name) of the tensors `adapter_name` holds."""
+    if adapter_name not in (getattr(denoiser, "peft_config", None) or {}):
+        return set()
+    from peft.utils import get_peft_model_state_dict
+
+    return set(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))

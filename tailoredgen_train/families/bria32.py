@@ -38,6 +38,13 @@ _README_BUCKETS = ((1024, 1024), (1280, 768), (1344, 768), (832, 1216), (1152, 8
 BRIA32_BUCKETS_1024 = tuple(dict.fromkeys(_README_BUCKETS + tuple((h, w) for w, h in _README_BUCKETS)))
 
 
+def keep_t5_projections_fp32(text_encoder: T5EncoderModel) -> None:
+    """T5 overflows in half precision unless each block's last projection stays fp32 (BriaPipeline's
+    docstring); T5's feed-forward casts its input to wo's dtype, so the mix just works."""
+    for block in text_encoder.encoder.block:
+        block.layer[-1].DenseReluDense.wo.to(torch.float32)
+
+
 @dataclass(frozen=True)
 class Bria32Options(FamilyOptions):
     max_sequence_length: int = 128
@@ -63,6 +70,10 @@ class Bria32Family(ModelFamily):
     pipeline_class_name = "BriaPipeline"
     base_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     hub_id = "briaai/BRIA-3.2"
+    # BriaPipeline's defaults; BRIA-3.2's card advises 30-50 steps and CFG 5 (Bria's ComfyUI node sends 30)
+    generation_steps = 30
+    generation_guidance = 5.0
+    generation_multiple = 32  # BriaPipeline warns below this (its vae_scale_factor 16 x 2x2 packing)
 
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         self.check_base(base)
@@ -72,10 +83,7 @@ class Bria32Family(ModelFamily):
             text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
             tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-        # T5 overflows in half precision unless each block's last projection stays fp32 (BriaPipeline's
-        # docstring); T5's feed-forward casts its input to wo's dtype, so the mix just works
-        for block in text_encoder.encoder.block:
-            block.layer[-1].DenseReluDense.wo.to(torch.float32)
+        keep_t5_projections_fp32(text_encoder)
         transformer.to(device)
         vae.to(device).eval().requires_grad_(False)
         text_encoder.to(device).eval().requires_grad_(False)
@@ -145,6 +153,19 @@ class Bria32Family(ModelFamily):
             directory, transformer_lora_layers=lora_state, transformer_lora_adapter_metadata=adapter_metadata,
             weight_name="pytorch_lora_weights.safetensors",
         )
+
+    def fix_pipeline_precision(self, pipeline) -> None:
+        if pipeline.text_encoder is not None:
+            keep_t5_projections_fp32(pipeline.text_encoder)
+        if pipeline.vae is not None:
+            pipeline.vae.to(torch.float32)  # "BRIA's VAE is not supported in mixed precision" (BriaPipeline)
+
+    def lora_owner(self, pipeline):
+        return pipeline.transformer  # BriaPipeline has no LoRA loader mixin
+
+    def _load_lora_weights(self, pipeline, lora_file: Path, adapter_name: str) -> None:
+        pipeline.transformer.load_lora_adapter(str(lora_file.parent), prefix=self.lora_key_prefix,
+                                               weight_name=lora_file.name, adapter_name=adapter_name)
 
     def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
         from transformers import T5Config, T5Tokenizer

@@ -21,7 +21,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..data.buckets import FIBO_BUCKETS_1024, CropGeometry
-from ..errors import ConfigError
+from ..data.captions import normalize_json_caption
+from ..errors import ConfigError, InvalidGenerationParameterError, PromptError
 from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint
 from .tiny_parts import build_byte_tokenizer
 
@@ -105,6 +106,9 @@ class FiboFamily(ModelFamily):
     pipeline_class_name = "BriaFiboPipeline"
     base_components = COMPONENTS
     hub_id = "briaai/FIBO"
+    # Bria's generate.py and the pipeline's docstring: 50 steps, CFG 5 (Bria's API allows 20-50 and 3-5)
+    generation_steps = 50
+    generation_guidance = 5.0
 
     # ---- loading ------------------------------------------------------------------------------
 
@@ -292,6 +296,26 @@ class FiboFamily(ModelFamily):
             transformer_lora_adapter_metadata=adapter_metadata,
             weight_name="pytorch_lora_weights.safetensors",
         )
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def prepare_prompt(self, text: str, prefix: str | None = None) -> str:
+        """A structured JSON prompt, compact as training stores captions; FIBO takes no prefix."""
+        if prefix and prefix.strip():
+            raise InvalidGenerationParameterError.single(
+                "generation_prefix", prefix, "FIBO prompts are structured JSON and take no prefix; leave it out")
+        if not text.strip():
+            raise InvalidGenerationParameterError.single("prompt", text, "the prompt is empty")
+        try:
+            return normalize_json_caption(text)
+        except ValueError as exc:
+            excerpt = text if len(text) <= 60 else text[:57] + "..."
+            reason = str(exc).replace("caption", "prompt", 1)
+            raise PromptError(
+                f"FIBO needs a structured JSON prompt, a JSON object such as "
+                f'{{"short_description": "a red fox in fresh snow", "background_setting": "a pine forest"}}; '
+                f"got {excerpt!r} ({reason}). A captioning model can expand plain text into a structured "
+                f"prompt once one is configured.") from None
 
     # ---- tiny base ----------------------------------------------------------------------------
 

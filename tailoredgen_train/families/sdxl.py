@@ -62,6 +62,10 @@ class Sdxl23Family(ModelFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     base_components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     hub_id = "briaai/BRIA-2.3"
+    denoiser_component = "unet"
+    # StableDiffusionXLPipeline's defaults (50 steps, CFG 5.0): Bria publishes none of its own for 2.3
+    generation_steps = 50
+    generation_guidance = 5.0
 
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         self.check_base(base)
