@@ -120,10 +120,15 @@ def test_a_run_cut_short_is_recorded_as_stopped_and_resume_clears_it(tiny_fibo_b
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_terminal_gets_the_bar_and_no_step_lines(tiny_fibo_base, dataset, tmp_path):
+    import fcntl
     import pty
+    import struct
+    import termios
 
     output = tmp_path / "out"
     leader, follower = pty.openpty()
+    # a terminal 120 columns wide (a new pseudo-terminal has none, and tqdm draws into the width)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     process = subprocess.Popen([sys.executable, "-m", "tailoredgen_train", *train_argv(tiny_fibo_base, dataset, output)],
                                stdin=follower, stdout=follower, stderr=follower)
     os.close(follower)

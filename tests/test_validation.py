@@ -93,7 +93,7 @@ def test_the_baseline_is_the_base_model_and_training_changes_the_samples(rendere
 def test_renders_are_logged_to_tensorboard(rendered):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(rendered / "logs"), size_guidance={"images": 0})
+    events = EventAccumulator(str(rendered / "logs" / "tailoredgen-train"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()["images"]
     assert "validation/00" in tags and "validation/01" in tags

@@ -54,6 +54,7 @@ def run_log(output_dir: Path, *, is_main_process: bool) -> Iterator[None]:
         to_console = logging.StreamHandler(sys.stderr)
         to_console.setFormatter(logging.Formatter(LOG_FORMAT))
         handlers.append((progress_log, to_console))
+    quiet_loading = not console_shows_bar() and _hf_progress_bars(enabled=False)
     engine_log = logging.getLogger("tailoredgen_train")
     previous_level = engine_log.level
     if engine_log.getEffectiveLevel() > logging.INFO:  # a library caller's logging config drops INFO
@@ -68,3 +69,16 @@ def run_log(output_dir: Path, *, is_main_process: bool) -> Iterator[None]:
             logger.removeHandler(handler)
             handler.close()
         engine_log.setLevel(previous_level)
+        if quiet_loading:
+            _hf_progress_bars(enabled=True)
+
+
+def _hf_progress_bars(*, enabled: bool) -> bool:
+    """transformers' and diffusers' loading bars ("Loading weights: 100%|...") are for a terminal;
+    in a log file they are noise between the engine's lines."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for module in (diffusers_logging, transformers_logging):
+        (module.enable_progress_bar if enabled else module.disable_progress_bar)()
+    return True

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..contract import ASPECT_RATIOS
 from ..data import round_to_multiple
 from ..errors import InvalidGenerationParameterError
 from ..families import ModelFamily
 
-# Bria's aspect_ratio enum (tailored generation, FIBO and legacy), as width:height
-ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9")
 MAX_INFLUENCE = 1.5  # Bria's tailored_model_influence range is 0..1.5
 MAX_IMAGES = 16
 MAX_STEPS = 200

@@ -59,14 +59,22 @@ def _rng_devices(device: torch.device) -> list[int]:
 class TrainingRenderer:
     """`render(denoiser, prompts, settings)`: images from the denoiser being trained (its PEFT
     adapter "default" inside), with the other components loaded from `base` on first use.
-    `release()` frees them."""
+    `release()` frees them. `components`: the pipeline's other components already in memory (the
+    benchmark's random full-size model has no folder to load them from); moved to the host now."""
 
-    def __init__(self, family: ModelFamily, base: str, *, device: torch.device | str, weight_dtype: torch.dtype):
+    def __init__(self, family: ModelFamily, base: str, *, device: torch.device | str, weight_dtype: torch.dtype,
+                 components: dict | None = None):
         self.family = family
         self.base = base
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
         self._pipeline = None  # every component but the denoiser, on the host
+        if components is not None:
+            self._pipeline = family.pipeline_class(**components, **{family.denoiser_component: None})
+            family.fix_pipeline_precision(self._pipeline)
+            self._pipeline.set_progress_bar_config(disable=True)
+            for part in self._host_parts():
+                part.to("cpu")
 
     def _host_parts(self) -> list[nn.Module]:
         return [module for name, module in self._pipeline.components.items()
