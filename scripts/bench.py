@@ -6,8 +6,9 @@
     python scripts/bench.py --size full --layers 1 --text-layers 1 --resolution 64 --text-tokens 48 --rank 8  # CPU smoke
 
 Prints one JSON line per recipe (s_per_step = median of the timed steps after warm-up; each step
-ends in its loss read-back because log_every is 1) and, for `both`, a last line with
-ratio_reference_over_engine. Speed targets live in docs/PERFORMANCE.md, never in tests.
+ends in its loss read-back because log_every is 1; for the engine, render_s and render_peak_gib of
+one validation render as training does it, beside the step's peak_gib) and, for `both`, a last
+line with ratio_reference_over_engine. Speed targets live in docs/PERFORMANCE.md, never in tests.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="engine config override for the engine recipe, e.g. run.gradient_checkpointing=8")
     parser.add_argument("--workdir", default=None, help="keep the synthetic data and caches here")
+    parser.add_argument("--render-prompts", type=int, default=1,
+                        help="engine: time a validation render of this many prompts after the steps (0: none)")
+    parser.add_argument("--render-steps", type=int, default=None,
+                        help="inference steps of that render (default: the config's validation.num_inference_steps)")
     args = parser.parse_args(argv)
     full = args.size == "full"
     steps = args.steps if args.steps is not None else (5 if full else 10)
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     options = BenchOptions(size=args.size, steps=steps, warmup=warmup, rank=args.rank, low_memory=args.low_memory,
                            compile_blocks=args.compile, resolution=args.resolution, text_tokens=args.text_tokens,
                            layers=args.layers, text_layers=args.text_layers, images=args.images,
-                           log_every=args.log_every, overrides=tuple(args.overrides))
+                           log_every=args.log_every, overrides=tuple(args.overrides),
+                           render_prompts=args.render_prompts, render_steps=args.render_steps)
     recipes = ["engine", "reference"] if args.recipe == "both" else [args.recipe]
     with tempfile.TemporaryDirectory(prefix="tg-bench-") as scratch:
         work = Path(args.workdir or scratch)

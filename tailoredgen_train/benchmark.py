@@ -30,6 +30,7 @@ from .engine.preemption import StopFlag
 from .engine.speed import GIB
 from .families.base import LoadedModel
 from .families.fibo import FiboFamily
+from .inference.validation import plan_validation
 from .recipe import JobSpec, make_accelerator, prepare_training, weight_dtype_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -154,6 +155,10 @@ class BenchOptions:
     images: int = 2
     log_every: int = 1
     overrides: tuple[str, ...] = ()
+    render_prompts: int = 1
+    """Validation render timed after the steps (engine recipe): prompts per render, 0 for none."""
+    render_steps: int | None = None
+    """Inference steps of that render (default: the recipe config's validation.num_inference_steps)."""
 
     @property
     def full(self) -> bool:
@@ -171,8 +176,11 @@ def recipe_config(recipe: str, options: BenchOptions, work: Path) -> EngineConfi
     settings = [
         f"data.resolution={resolution}", f"data.min_side={min(resolution, 256)}", "data.batch_size=1",
         "optim.gradient_accumulation_steps=1", "run.log_with=none", f"run.log_every={options.log_every}",
-        f"run.cache_dir={work / recipe / 'cache'}",
+        f"run.cache_dir={work / recipe / 'cache'}", f"validation.num_prompts={max(options.render_prompts, 1)}",
+        "validation.at_start=false",
     ]
+    if options.render_steps:
+        settings.append(f"validation.num_inference_steps={options.render_steps}")
     if recipe == "reference":  # Bria's recipe: checkpointing on, nothing compiled
         settings += ["run.gradient_checkpointing=true", "run.compile_blocks=false"]
     elif options.low_memory:
@@ -219,6 +227,26 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _time_render(trainer, device: torch.device) -> dict:
+    """One validation render as training does it (components moved in from the host, then out),
+    timed twice (the first pays for loading), with its own peak memory beside the step's."""
+    validator = trainer.validator
+    validator.render(trainer.denoiser, 0)  # loads the renderer's components; not timed
+    _reset_peak(device)
+    started = time.perf_counter()
+    images = validator.render(trainer.denoiser, 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    peak, _ = _peak(device)
+    validator.release()
+    plan = validator.plan
+    return {"render_s": round(seconds, 3), "render_prompts": len(plan.prompts),
+            "render_steps": plan.settings.steps or trainer.family.generation_steps,
+            "render_size": list(images[0].image.size) if images else None, "render_peak_gib": round(peak, 3),
+            "render_ok": bool(images)}
+
+
 def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     """Build the model, cache (engine) or not (reference), train warmup + steps, report one line."""
     config = recipe_config(recipe, options, work)
@@ -229,16 +257,21 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     started = time.perf_counter()
     family = FiboFamily(config.model)
     set_seed(config.run.seed)
+    render_components = None
     if options.full:
         model = family.build_random(device=device, weight_dtype=weight_dtype_for(accelerator),
                                     num_layers=options.layers, text_layers=options.text_layers)
         base = "random full-size FIBO"
+        # no folder to load the renderer's text encoder and VAE from: it keeps these on the host
+        render_components = {"text_encoder": model.encoders["text"].text_encoder,
+                             "tokenizer": model.encoders["text"].tokenizer, "vae": model.encoders["vae"],
+                             "scheduler": model.scheduler}
     else:
         base_dir = work / "tiny-base"
         if not base_dir.exists():
             family.make_tiny_base(base_dir, seed=0)
         model = family.load(str(base_dir), device=device, weight_dtype=weight_dtype_for(accelerator))
-        base = "tiny FIBO (make_tiny_base)"
+        base = str(base_dir)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     build_s = time.perf_counter() - started
@@ -258,7 +291,12 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     samples = validate_dataset(dataset, caption_format="json", min_side=config.data.min_side).samples
     checkpointer = Checkpointer(out, is_main_process=True, config_hash=job.fingerprint())
     transformer_config = model.denoiser.config
-    setup = prepare_training(job, family, model, samples, accelerator, checkpointer, StopFlag())
+    plan = None
+    if recipe == "engine" and options.render_prompts:
+        plan = plan_validation(config, family, [(s.sample_id, s.caption) for s in samples], None)
+    setup = prepare_training(job, family, model, samples, accelerator, checkpointer, StopFlag(), plan,
+                             render_components=render_components)
+    render_components = None  # the renderer holds them now, on the host
     trainer = setup.trainer
     trainer.settings.checkpoint_steps = []  # the benchmark writes no checkpoints
     if device.type == "cuda":
@@ -269,6 +307,7 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
 
     history = trainer.train()
     peak, peak_kind = _peak(device)
+    render = _time_render(trainer, device) if trainer.validator is not None else {}
     timed = [r.seconds for r in history[options.warmup:]]
     s_per_step = statistics.median(timed)
     bucket = setup.items[0].bucket
@@ -314,6 +353,7 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
         "skipped_steps": sum(r.skipped for r in history),
         "loss_finite": all(math.isfinite(r.loss) for r in history),
         "loss_mean": round(statistics.fmean(r.loss for r in history), 6),
+        **render,
     }
     accelerator.free_memory()  # drops accelerate's references, so the next recipe starts from an empty device
     del trainer, setup, model, family

@@ -43,6 +43,10 @@ def test_tiny_bench_of_both_recipes_prints_one_line_each_and_the_ratio(tmp_path)
     assert reference["attention_mask"] == "dense_additive" and reference["encoders_every_step"]
     assert reference["gradient_checkpointing"] is True and engine["gradient_checkpointing"] is False
     assert isinstance(ratio["ratio_reference_over_engine"], float)
+    # the engine's line times one validation render beside the step; the reference renders nothing
+    assert engine["render_ok"] and engine["render_prompts"] == 1 and engine["render_size"] == [128, 128]
+    assert engine["render_s"] > 0 and engine["render_peak_gib"] > 0
+    assert "render_s" not in reference
 
 
 def test_full_size_fibo_builds_with_the_published_shapes():

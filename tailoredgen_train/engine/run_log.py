@@ -54,7 +54,7 @@ def run_log(output_dir: Path, *, is_main_process: bool) -> Iterator[None]:
         to_console = logging.StreamHandler(sys.stderr)
         to_console.setFormatter(logging.Formatter(LOG_FORMAT))
         handlers.append((progress_log, to_console))
-    quiet_loading = not console_shows_bar() and _hf_progress_bars(enabled=False)
+    quiet_loading = _hf_progress_bars(enabled=False)  # a render's loading bar would cut into the training bar
     engine_log = logging.getLogger("tailoredgen_train")
     previous_level = engine_log.level
     if engine_log.getEffectiveLevel() > logging.INFO:  # a library caller's logging config drops INFO
@@ -74,8 +74,8 @@ def run_log(output_dir: Path, *, is_main_process: bool) -> Iterator[None]:
 
 
 def _hf_progress_bars(*, enabled: bool) -> bool:
-    """transformers' and diffusers' loading bars ("Loading weights: 100%|...") are for a terminal;
-    in a log file they are noise between the engine's lines."""
+    """transformers' and diffusers' loading bars ("Loading weights: 100%|..."): noise between the
+    engine's lines in a log file, and a second bar cutting into the training bar on a terminal."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
