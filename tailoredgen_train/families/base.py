@@ -19,8 +19,9 @@ from typing import Any, ClassVar, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
+from ..config import type_problem
 from ..data import CropGeometry
-from ..errors import BaseModelError, ConfigError
+from ..errors import BaseModelError, ConfigError, IncompatibleDatasetError, did_you_mean
 
 
 @dataclass
@@ -49,13 +50,18 @@ class FamilyOptions:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], family: str) -> FamilyOptions:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(raw) - known)
+        known = sorted(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - set(known))
         if unknown:
+            keys = [f"model.{k}" for k in known]
             raise ConfigError(
-                f"unknown key(s) {', '.join(f'model.{k}' for k in unknown)} for family {family}; "
-                f"accepted: {', '.join(sorted(known)) or 'none'}"
+                f"unknown key(s) {', '.join(f'model.{k}' + did_you_mean(f'model.{k}', keys) for k in unknown)} "
+                f"for family {family}; accepted: {', '.join(known) or 'none'}"
             )
+        for key, value in raw.items():
+            problem = type_problem(cls, key, value)
+            if problem:
+                raise ConfigError(f"model.{key}={value!r} {problem} (family {family})")
         return cls(**raw)
 
 
@@ -80,6 +86,14 @@ class ModelFamily(ABC):
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = self.options_cls.from_mapping(dict(options or {}), self.name)
+
+    def check_caption_prefix(self, caption_prefix: str | None) -> None:
+        """A caption prefix is for text captions; a family with structured captions has none."""
+        if caption_prefix and self.caption_format == "json":
+            raise IncompatibleDatasetError(
+                f"a caption_prefix ({caption_prefix!r}) is for legacy text captions; {self.name} captions are "
+                "structured JSON and take no prefix. Drop the prefix or train a legacy version."
+            )
 
     def check_base(self, base: str) -> None:
         """Fail early, with the fix, when `base` is meant as a local folder but is not this family's.

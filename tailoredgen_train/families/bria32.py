@@ -1,7 +1,7 @@
 """Bria 3.2 (and BRIA-4B-Adapt, the `max` alias by default): BriaTransformer2DModel + T5-XXL +
 a 4-channel AutoencoderKL, flow matching on 2x2-packed latents.
 
-Facts this module relies on (shared/reference/models.md section 1.2, 4.2):
+Facts this module relies on (docs/MODELS.md, Bria 3.2):
 - prompts go through `BriaPipeline.encode_prompt`: each prompt is encoded alone, without padding,
   then zero-padded to max_sequence_length (128); no attention mask, txt_ids are zeros;
 - latents: (z - shift_factor) * scaling_factor with shift_factor None -> 0, scaling 0.13025; the

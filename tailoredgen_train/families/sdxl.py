@@ -1,7 +1,7 @@
 """Bria 2.3 (and the `light` alias by default): an SDXL UNet2DConditionModel with two CLIP text
 encoders, trained on DDPM noise like diffusers' SDXL LoRA recipe that Bria's own 2.3 recipe uses.
 
-Facts this module relies on (shared/reference/models.md section 1.3, 4.4):
+Facts this module relies on (docs/MODELS.md, Bria 2.3):
 - prompts go through `StableDiffusionXLPipeline.encode_prompt` (penultimate hidden states of both
   encoders concatenated, pooled embedding of the second) and `_get_add_time_ids` (original size,
   crop top-left, target size: the micro-conditioning);
