@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--layers/--text-layers shrink the full-size model; the tiny base has its own sizes")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if torch.cuda.is_available():
-        # cuDNN SDPA's backward crashes at FIBO shapes (h100-measurements.md); make_accelerator does the same
+        # cuDNN SDPA's backward crashes at FIBO shapes (docs/PERFORMANCE.md); make_accelerator does the same
         torch.backends.cuda.enable_cudnn_sdp(False)
 
     options = BenchOptions(size=args.size, steps=steps, warmup=warmup, rank=args.rank, low_memory=args.low_memory,

@@ -12,15 +12,51 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import load_engine_config
+from .config import EngineConfig, load_engine_config
 from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
-from .errors import FieldError, InvalidGenerationParameterError, InvalidParameterError, LoraFileError, \
-    NotARunFolderError, Preempted, PromptError, TailoredGenError
+from .errors import (
+    BaseModelError,
+    ConfigError,
+    DatasetInvalidError,
+    FieldError,
+    InvalidGenerationParameterError,
+    InvalidParameterError,
+    LoraFileError,
+    NotARunFolderError,
+    OutputDirError,
+    Preempted,
+    PromptError,
+    TailoredGenError,
+    did_you_mean,
+)
 from .service.settings import TOKENS_ENV
 
 EXIT_USER_ERROR = 2  # the input is wrong: fix it and run again
 EXIT_FAILURE = 1
 # a run stopped by SIGTERM / SIGINT exits 143 / 130 after saving resume state
+
+# The service answers these with 500 (the operator's config, base or disk, not the API client's
+# request); typed on the command line they are the user's input, so exit 2 like any bad input.
+# run-job stays the exception: its input is a job file that the service wrote.
+_OPERATOR_INPUT_ERRORS = (ConfigError, BaseModelError, OutputDirError)
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that names the closest option to a typo."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:  # each (sub)command parser refuses its own leftovers, so it can suggest its options
+            options = [o for action in self._actions for o in action.option_strings]
+            flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+            hint = did_you_mean(flags[0], options) if flags else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +67,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tailoredgen-train", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="tailoredgen-train", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -121,12 +157,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _family(args: argparse.Namespace, engine: EngineConfig):
+    """The family of --training-version, refusing a --config written for another family."""
+    from .families import family_for_config, load_version_map
+
+    return family_for_config(args.training_version, engine, load_version_map(args.version_map),
+                             source=f"--config {args.config}")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .recipe import JobSpec, run_training
 
     request = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
     params = resolve_training_parameters(args.training_version, args.training_mode, request)
+    if args.lr_warmup_steps and params.lr_warmup_steps is None:
+        log.warning("--lr-warmup-steps %d is ignored: warmup applies only with --lr-scheduler constant_with_warmup "
+                    "and this run uses %s (lr_warmup_steps is reported as null). Drop the flag, or choose "
+                    "constant_with_warmup.", args.lr_warmup_steps, params.lr_scheduler)
     engine = load_engine_config(args.config, args.overrides)
+    # the checks that name a flag, in the order run_training makes them, before it loads anything
+    family = _family(args, engine)
+    family.check_base(args.base)
+    family.check_caption_prefix(args.caption_prefix)
+    dataset = Path(args.dataset)
+    if not dataset.is_dir():
+        problem = "is not a folder" if dataset.exists() else "does not exist"
+        raise DatasetInvalidError(f"--dataset {args.dataset} {problem}: pass the folder that holds the images and "
+                                  "metadata.jsonl (or metadata.csv)")
     run_training(JobSpec(
         base=args.base, dataset_dir=args.dataset, output_dir=args.output, training_version=args.training_version,
         params=params, engine=engine, caption_prefix=args.caption_prefix, resume=args.resume,
@@ -137,10 +194,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .data import validate_dataset
-    from .families import family_for_version, load_version_map
 
     engine = load_engine_config(args.config, args.overrides)
-    family = family_for_version(args.training_version, engine.model, load_version_map(args.version_map))
+    family = _family(args, engine)
+    family.check_caption_prefix(args.caption_prefix)  # what train would refuse
     report = validate_dataset(args.dataset, caption_format=family.caption_format, min_side=engine.data.min_side,
                               max_pixels=engine.data.max_pixels, caption_prefix=args.caption_prefix)
     if args.json:
@@ -305,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except TailoredGenError as exc:
         print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return EXIT_USER_ERROR if exc.http_status < 500 else EXIT_FAILURE
+        user_input = exc.http_status < 500 or (isinstance(exc, _OPERATOR_INPUT_ERRORS) and args.command != "run-job")
+        return EXIT_USER_ERROR if user_input else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -11,20 +11,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
-from .contract import ASPECT_RATIOS
-from .errors import ConfigError
+from .contract import ASPECT_RATIOS, REQUEST_FIELDS
+from .errors import ConfigError, did_you_mean
+
+
+class _InvalidField(ConfigError):
+    """A value out of its range; `field_path` lets the loader say where the value came from."""
+
+    def __init__(self, message: str, field_path: str):
+        super().__init__(message)
+        self.field_path = field_path
 
 
 def _require(condition: bool, field_path: str, value: Any, fix: str) -> None:
     if not condition:
-        raise ConfigError(f"config field {field_path}={value!r} is invalid: {fix}")
+        raise _InvalidField(f"config field {field_path}={value!r} is invalid: {fix}", field_path)
 
 
 @dataclass(kw_only=True)
@@ -201,6 +210,9 @@ class ValidationConfig:
 
 @dataclass(kw_only=True)
 class EngineConfig:
+    family: str | None = None
+    """The model family the file is written for (fibo, bria-3.2, bria-2.3); a training_version of
+    another family is refused. None: the config fits any family."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -219,57 +231,126 @@ class EngineConfig:
 _SIMPLE_TYPES: dict[Any, tuple[type, ...]] = {int: (int,), float: (float, int), bool: (bool,), str: (str,)}
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig, "run": RunConfig,
              "validation": ValidationConfig}
+_TOP_LEVEL = ("family", *_SECTIONS, "model")
 
 
-def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
+def _expected_types(hint: Any) -> tuple[type, ...] | None:
+    """The types a field of simple type `hint` (int, float, bool, str, or one of them | None) accepts."""
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if is_union else (hint,)
+    simple = [a for a in args if a is not type(None)]
+    if len(simple) != 1 or simple[0] not in _SIMPLE_TYPES:
+        return None
+    return _SIMPLE_TYPES[simple[0]] + ((type(None),) if type(None) in args else ())
+
+
+def type_problem(cls: type, key: str, value: Any) -> str | None:
+    """Why `value` does not fit field `key` of dataclass `cls` ("should be of type int"), or None.
+    Checked before construction, so a string never reaches a range comparison."""
+    expected = _expected_types(typing.get_type_hints(cls).get(key))
+    # bool is an int subclass and YAML's 'yes' is a str: both must be refused where they do not belong
+    if expected is None or (isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)):
+        return None
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+    return f"should be of type {names}"
+
+
+def _unknown_key_hint(path: str, candidates: list[str]) -> str:
+    """The closest valid name to a misspelt dotted key, or where a training parameter goes instead."""
+    key = path.rsplit(".", 1)[-1]
+    if key in REQUEST_FIELDS:
+        return f" ({key} is a training parameter, not an engine option: pass --{key.replace('_', '-')} to train)"
+    return did_you_mean(path, candidates)
+
+
+def _build_section(name: str, cls: type, raw: Any, origin: Callable[[str], str]) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+        raise ConfigError(f"{origin(name)}: section '{name}' must be a mapping, got {type(raw).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(known))
     if unknown:
+        keys = [f"{name}.{k}" for k in known]
         raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+            f"{origin(f'{name}.{unknown[0]}')}: unknown key(s) "
+            f"{', '.join(f'{name}.{k}' + _unknown_key_hint(f'{name}.{k}', keys) for k in unknown)}; "
             f"'{name}' accepts {', '.join(sorted(known))}"
         )
-    hints = typing.get_type_hints(cls)
     for key, value in raw.items():
-        expected = _SIMPLE_TYPES.get(hints[key])
-        # bool is an int subclass and YAML's 'yes' is a str: both must be refused where they do not belong
-        if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
-            raise ConfigError(
-                f"{source}: {name}.{key}={value!r} should be of type {' or '.join(t.__name__ for t in expected)}"
-            )
+        problem = type_problem(cls, key, value)
+        if problem:
+            raise ConfigError(f"{origin(f'{name}.{key}')}: {name}.{key}={value!r} {problem}")
     try:
         return cls(**raw)
+    except _InvalidField as exc:
+        raise ConfigError(f"{origin(exc.field_path)}: {exc.message}") from None
     except TypeError as exc:  # a wrongly typed value reaching a comparison
-        raise ConfigError(f"{source}: section '{name}': {exc}") from None
+        raise ConfigError(f"{origin(name)}: section '{name}': {exc}") from None
 
 
-def engine_config_from_dict(raw: Mapping[str, Any] | None, source: str = "<dict>") -> EngineConfig:
+def engine_config_from_dict(raw: Mapping[str, Any] | None, source: str = "<dict>",
+                            overridden: Mapping[str, str] | None = None) -> EngineConfig:
+    """`overridden` maps a dotted key (data.resolution) to the --set that gave it, so that a bad
+    value is blamed on the --set, not on the file `source`."""
     raw = dict(raw or {})
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"model"})
+    overridden = overridden or {}
+
+    def origin(path: str) -> str:
+        return overridden.get(path) or source
+
+    unknown = sorted(set(raw) - set(_TOP_LEVEL))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown section(s) {', '.join(unknown)}; accepted: {', '.join([*_SECTIONS, 'model'])}"
+            f"{origin(unknown[0])}: unknown section(s) "
+            f"{', '.join(k + _unknown_key_hint(k, list(_TOP_LEVEL)) for k in unknown)}; "
+            f"accepted: {', '.join(_TOP_LEVEL)}"
         )
-    sections = {name: _build_section(name, cls, raw.get(name), source) for name, cls in _SECTIONS.items()}
+    family = raw.get("family")
+    if family is not None and not (isinstance(family, str) and family):
+        raise ConfigError(f"{origin('family')}: family={family!r} should name a model family, e.g. family: fibo")
+    sections = {name: _build_section(name, cls, raw.get(name), origin) for name, cls in _SECTIONS.items()}
     model = raw.get("model") or {}
     if not isinstance(model, Mapping):
-        raise ConfigError(f"{source}: section 'model' must be a mapping")
-    return EngineConfig(**sections, model=dict(model))
+        raise ConfigError(f"{origin('model')}: section 'model' must be a mapping")
+    return EngineConfig(family=family, **sections, model=dict(model))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = "; only plain YAML values are accepted (no !!python or other tags)" if "constructor" in problem else ""
+    return problem + where + hint
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. data.resolution=512")
+        raise ConfigError(f"--set {text}: must look like section.key=value, e.g. data.resolution=512")
     path, value = text.split("=", 1)
-    return path.strip().split("."), yaml.safe_load(value)
+    keys = path.strip().split(".")
+    if keys != ["family"] and (len(keys) != 2 or not all(keys)):
+        raise ConfigError(f"--set {text}: name one key as section.key=value, e.g. data.resolution=512")
+    section = keys[0]
+    if section not in _TOP_LEVEL:
+        raise ConfigError(f"--set {text}: unknown section {section}{_unknown_key_hint(section, list(_TOP_LEVEL))}; "
+                          f"accepted: {', '.join(_TOP_LEVEL)}")
+    if section in _SECTIONS:
+        known = [f"{section}.{f.name}" for f in dataclasses.fields(_SECTIONS[section])]
+        if path.strip() not in known:
+            raise ConfigError(f"--set {text}: unknown key {path.strip()}{_unknown_key_hint(path.strip(), known)}; "
+                              f"'{section}' accepts {', '.join(sorted(k.split('.')[1] for k in known))}")
+    try:
+        return keys, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({_yaml_problem(exc)}); "
+                          "quote text that holds YAML syntax, e.g. --set 'lora.target_modules=[to_q, to_k]'") from None
 
 
 def load_engine_config(path: str | Path | None, overrides: list[str] | None = None) -> EngineConfig:
-    """Read a YAML config (or the defaults when path is None) and apply `section.key=value` overrides."""
+    """Read a YAML config (or the defaults when path is None) and apply `section.key=value` overrides.
+    Every problem is a one-line ConfigError that names the file, or the --set, it comes from."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -281,9 +362,10 @@ def load_engine_config(path: str | Path | None, overrides: list[str] | None = No
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} cannot be read as text: {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+    overridden: dict[str, str] = {}
     for text in overrides or []:
         keys, value = _parse_override(text)
         node = raw
@@ -292,6 +374,7 @@ def load_engine_config(path: str | Path | None, overrides: list[str] | None = No
                 node[key] = {}
             node = node[key]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key} is not a section")
+                raise ConfigError(f"--set {text}: {key} is not a section in {source}")
         node[keys[-1]] = value
-    return engine_config_from_dict(raw, source)
+        overridden[".".join(keys)] = f"--set {text}"
+    return engine_config_from_dict(raw, source, overridden)

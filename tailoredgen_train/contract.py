@@ -2,7 +2,7 @@
 
 This module is pure: no torch, no I/O. It turns what a client sent into the exact hyperparameters a
 job trains with, or into a typed error that names the field and the value given.
-The contract is `shared/spec/start-training.md`; the API details are `shared/reference/bria-api.md`.
+The contract and the choices where it is silent: README.md; the API: https://docs.bria.ai/tailored-generation.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def utcnow_iso() -> str:
 
 @dataclass
 class ModelRecord:
-    """A Tailored Generation model as the API stores it (bria-api.md section 2)."""
+    """A Tailored Generation model as the API stores it (Bria's API docs, the Model object)."""
 
     id: int
     name: str

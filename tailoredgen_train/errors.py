@@ -7,8 +7,9 @@ status the Tailored Generation API documents for that situation.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 
 class TailoredGenError(Exception):
@@ -174,6 +175,13 @@ class BaseModelError(TailoredGenError):
     http_status = 500
 
 
+class OutputDirError(TailoredGenError):
+    """The run folder cannot be created or written (a file in its place, no permission)."""
+
+    code = "output_dir_invalid"
+    http_status = 500
+
+
 class ResumeError(TailoredGenError):
     """A checkpoint cannot be resumed (missing, corrupt, or made for another setup) (409)."""
 
@@ -217,3 +225,9 @@ class Preempted(TailoredGenError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT, as shells report them
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """" (did you mean X?)" for the closest candidate to a misspelt name, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

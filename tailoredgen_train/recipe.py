@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import time
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from .engine.lora import add_lora, lora_signature, trainable_parameters
 from .engine.schedule import build_lr_scheduler
 from .engine.speed import apply_block_policy, build_optimizer, bytes_of, resolve_checkpointing, resolve_host_sync
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
-from .errors import IncompatibleDatasetError, Preempted, ResumeError, TailoredGenError
-from .families import family_for_version, load_version_map
+from .errors import ConfigError, OutputDirError, Preempted, ResumeError, TailoredGenError
+from .families import family_for_config, load_version_map
 from .outcome import clear_outcome, process_rank, write_outcome
 from .report import MetricsLog, refresh_report, summarize_run
 
@@ -113,6 +114,21 @@ def _check_output_dir(job: JobSpec, checkpointer: Checkpointer, accelerator: Acc
         checkpointer.remove_all()
 
 
+def check_writable_dir(path: Path, what: str, error: type[TailoredGenError]) -> None:
+    """Refuse, before any model is loaded, a folder that cannot be created or written: `path` may
+    not exist yet, but its nearest existing ancestor must be a writable folder."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        problem = "is a file, not a folder" if existing == path else f"cannot be created: {existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    else:
+        return
+    raise error(f"{what} {path} {problem}; choose a folder you can write to")
+
+
 def _find_resume_state(checkpointer: Checkpointer) -> Path | None:
     """The newest resume state that verifies, or None when none was ever committed (a process
     killed before its first resume state: the run restarts and rewrites the same LoRA files).
@@ -135,7 +151,7 @@ def make_accelerator(config: EngineConfig, output_dir: Path) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     if accelerator.device.type == "cuda":
-        # cuDNN SDPA's backward crashes at FIBO shapes (h100-measurements.md); flash/efficient remain
+        # cuDNN SDPA's backward crashes at FIBO shapes (docs/PERFORMANCE.md); flash/efficient remain
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = config.run.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.run.allow_tf32
@@ -326,14 +342,13 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: Exit
          outcome: RunOutcome) -> TrainingResult:
     config, params = job.engine, job.params
     version_map = load_version_map(job.version_map)
-    family = family_for_version(job.training_version, config.model, version_map)
+    family = family_for_config(job.training_version, config, version_map)
     family.check_base(job.base)  # a wrong or missing base is refused before any work starts
-    if job.caption_prefix and family.caption_format == "json":
-        raise IncompatibleDatasetError(
-            f"a caption_prefix ({job.caption_prefix!r}) is for legacy text captions; {family.name} captions are "
-            "structured JSON and take no prefix. Drop the prefix or train a legacy version."
-        )
+    family.check_caption_prefix(job.caption_prefix)
     output_dir = Path(job.output_dir)
+    check_writable_dir(output_dir, "--output (the run folder)", OutputDirError)
+    if config.run.cache_dir:
+        check_writable_dir(Path(config.run.cache_dir), "run.cache_dir", ConfigError)
     accelerator = make_accelerator(config, output_dir)
     main = accelerator.is_main_process
     checkpointer = Checkpointer(output_dir, is_main_process=main, storage=storage, config_hash=job.fingerprint())
@@ -390,7 +405,7 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: Exit
     _shut_down(accelerator, trainer, every_process_agrees=True)
     checkpoints = [checkpointer.path_for(s) for s in params.checkpoint_steps() if checkpointer.path_for(s).is_dir()]
     if main:
-        log.info(_finish_summary(checkpoints))
+        log.info(_finish_summary(checkpoints, trainer.progress.step, params.total_training_steps))
     return TrainingResult(output_dir=output_dir, checkpoints=checkpoints, history=history,
                           final_step=trainer.progress.step, denoiser=trained)
 
@@ -446,8 +461,9 @@ def _validation_summary(plan: ValidationPlan | None) -> str:
     return f"{len(plan.prompts)} prompt(s), {', '.join(when)}"
 
 
-def _finish_summary(checkpoints: list[Path]) -> str:
-    lines = ["done. LoRA files:"]
+def _finish_summary(checkpoints: list[Path], step: int, total_steps: int) -> str:
+    done = "done." if step >= total_steps else f"stopped early at step {step} of {total_steps}."
+    lines = [f"{done} LoRA files:" if checkpoints else f"{done} No LoRA file published."]
     lines += [f"  {path / 'pytorch_lora_weights.safetensors'}" for path in checkpoints]
     return "\n".join(lines)
 

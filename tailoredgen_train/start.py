@@ -26,7 +26,7 @@ from .contract import (
     resolve_training_parameters,
     utcnow_iso,
 )
-from .families import family_for_version, load_version_map
+from .families import family_for_config, load_version_map
 from .recipe import JobSpec, TrainingResult, run_training
 
 
@@ -94,7 +94,7 @@ def start_training(
     check_can_start(model, dataset)
     params = resolve_training_parameters(model.training_version, model.training_mode, request)
     # fail now, not inside the job, when this build has no family for the version
-    family_for_version(model.training_version, (engine or EngineConfig()).model, load_version_map(version_map))
+    family_for_config(model.training_version, engine or EngineConfig(), load_version_map(version_map))
     job = JobSpec(
         base=base,
         dataset_dir=dataset.path,

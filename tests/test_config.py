@@ -10,7 +10,14 @@ import yaml
 
 from tailoredgen_train.config import DataConfig, EngineConfig, load_engine_config
 from tailoredgen_train.errors import ConfigError
-from tailoredgen_train.families import FAMILIES, family_class, family_for_version, load_version_map
+from tailoredgen_train.families import (
+    FAMILIES,
+    check_config_family,
+    family_class,
+    family_for_config,
+    family_for_version,
+    load_version_map,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # engine configs are named after their family: fibo.yaml, bria-3.2-tiny.yaml, ...
@@ -33,6 +40,7 @@ def test_every_shipped_config_loads_and_its_family_accepts_its_model_section(pat
     cfg = load_engine_config(path)
     assert isinstance(cfg, EngineConfig)
     family_name = path.stem.removesuffix("-tiny")
+    assert cfg.family == family_name  # declared, so that another family's training_version is refused
     family = family_class(family_name)(cfg.model)
     for key, value in cfg.model.items():
         assert getattr(family.options, key) == value
@@ -41,6 +49,45 @@ def test_every_shipped_config_loads_and_its_family_accepts_its_model_section(pat
         if set(cfg.model) - set(family_class(other).options_cls.__dataclass_fields__):
             with pytest.raises(ConfigError):
                 family_class(other)(cfg.model)
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("version", ["fibo", "max", "light", "3.2", "2.3"])
+def test_a_shipped_config_trains_exactly_the_versions_of_its_family(path, version):
+    cfg = load_engine_config(path)
+    version_family = load_version_map()[version]
+    if version_family == cfg.family:
+        assert family_for_config(version, cfg).name == cfg.family
+    else:
+        with pytest.raises(ConfigError, match=f"family mismatch: the engine config is written for family "
+                                              f"{cfg.family} .* trains family {version_family}"):
+            family_for_config(version, cfg)
+
+
+def test_a_config_without_a_family_fits_every_family():
+    for version in ("fibo", "max", "light"):
+        assert family_for_config(version, EngineConfig()).name == load_version_map()[version]
+
+
+def test_an_unknown_family_key_is_refused_with_the_closest_name(tmp_path):
+    cfg = load_engine_config(_write(tmp_path, {"family": "fibbo"}))
+    with pytest.raises(ConfigError, match=r"family='fibbo' is not a model family \(did you mean fibo\?\)"):
+        family_for_config("fibo", cfg)
+    with pytest.raises(ConfigError, match="family=3 should name a model family"):
+        load_engine_config(_write(tmp_path, {"family": 3}))
+
+
+def test_the_family_check_names_who_asks_for_which_family():
+    cfg = load_engine_config(REPO / "configs" / "bria-2.3.yaml")
+    check_config_family(cfg, "bria-2.3", source="x", wanted_by="y")  # its own family passes
+    with pytest.raises(ConfigError) as info:
+        check_config_family(cfg, "fibo", source="--engine-config fibo=c.yaml", wanted_by="it is given for family fibo",
+                            version_map=load_version_map())
+    assert info.value.message == (
+        "family mismatch: --engine-config fibo=c.yaml is written for family bria-2.3 (its family: key), but it is "
+        "given for family fibo. Pass a fibo config (configs/fibo.yaml, or configs/fibo-tiny.yaml for the tiny demo "
+        "base), or train a bria-2.3 version (2.3, light)."
+    )
 
 
 def test_defaults_load_without_a_file():
@@ -68,8 +115,60 @@ def test_misspelt_key_inside_a_section_is_refused(tmp_path):
 
 def test_unknown_model_key_is_refused_by_the_fibo_family(tmp_path):
     cfg = load_engine_config(_write(tmp_path, {"model": {"max_seq_len": 512}}))
-    with pytest.raises(ConfigError, match=r"model\.max_seq_len"):
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len \(did you mean model\.max_sequence_length\?\)"):
         family_for_version("fibo", cfg.model)
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"dta": {"resolution": 512}}, "unknown section(s) dta (did you mean data?)"),
+    ({"data": {"resolutoin": 512}}, "unknown key(s) data.resolutoin (did you mean data.resolution?)"),
+    ({"optim": {"learning_rate": 1e-4}}, "unknown key(s) optim.learning_rate (learning_rate is a training "
+                                         "parameter, not an engine option: pass --learning-rate to train)"),
+    ({"rank": 64}, "unknown section(s) rank (rank is a training parameter"),
+    ({"data": {"zzz": 1}}, "unknown key(s) data.zzz; 'data' accepts"),  # nothing close: no guess
+    ({"run": {"stop_after_step": 2}}, "unknown key(s) run.stop_after_step (did you mean run.stop_after_steps?)"),
+])
+def test_an_unknown_key_in_a_file_is_blamed_on_the_file_with_the_closest_name(tmp_path, raw, message):
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(path)
+    assert info.value.message.startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.resolutoin=512", "--set data.resolutoin=512: unknown key data.resolutoin (did you mean data.resolution?)"),
+    ("dta.resolution=512", "--set dta.resolution=512: unknown section dta (did you mean data?)"),
+    ("data.batch_size=four", "--set data.batch_size=four: data.batch_size='four' should be of type int"),
+    ("data.batch_size=0", "--set data.batch_size=0: config field data.batch_size=0 is invalid"),
+    ("run.stop_after_steps=two", "--set run.stop_after_steps=two: run.stop_after_steps='two' should be of type int "
+                                 "or null"),
+    ("data.resolution=[512", "--set data.resolution=[512: the value is not valid YAML"),
+    ("data.resolution.x=1", "--set data.resolution.x=1: name one key as section.key=value"),
+])
+def test_a_bad_override_is_blamed_on_the_set_not_on_the_file(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(FIBO_TINY, [override])
+    assert info.value.message.startswith(message) and str(FIBO_TINY) not in info.value.message
+
+
+def test_a_bad_value_in_the_file_is_still_blamed_on_the_file(tmp_path):
+    path = _write(tmp_path, {"data": {"batch_size": 0}})
+    with pytest.raises(ConfigError) as info:  # an override of another key leaves the blame where it belongs
+        load_engine_config(path, ["data.resolution=512"])
+    assert info.value.message.startswith(f"{path}: config field data.batch_size=0 is invalid")
+
+
+@pytest.mark.parametrize(("family", "options", "key"), [
+    ("fibo", {"max_sequence_length": "abc"}, "model.max_sequence_length='abc' should be of type int"),
+    ("fibo", {"logit_normal_std": True}, "model.logit_normal_std=True should be of type float or int"),
+    ("bria-3.2", {"shift": "four"}, "model.shift='four' should be of type float or int"),
+    ("bria-2.3", {"snr_gamma": "5"}, "model.snr_gamma='5' should be of type float or int or null"),
+])
+def test_a_wrongly_typed_model_option_is_a_config_error(family, options, key):
+    with pytest.raises(ConfigError) as info:  # not a TypeError from the family's range check
+        family_class(family)(options)
+    assert info.value.message.startswith(key)
+    family_class("bria-2.3")({"snr_gamma": None})  # null where the option allows it
 
 
 @pytest.mark.parametrize("section", ["data", "model"])
@@ -179,7 +278,17 @@ def test_invalid_yaml_is_refused_naming_the_file(tmp_path):
     path = _write(tmp_path, "data: [unclosed\n  resolution: : 512\n")
     with pytest.raises(ConfigError) as info:
         load_engine_config(path)
-    assert str(path) in info.value.message
+    assert info.value.message == (f"config file {path} is not valid YAML: expected ',' or ']', but got ':' "
+                                  "at line 2, column 13")
+
+
+def test_a_yaml_python_tag_is_refused_on_one_line_and_never_run(tmp_path):
+    marker = tmp_path / "executed"
+    path = _write(tmp_path, f'data: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_engine_config(path)
+    assert str(path) in info.value.message and "python/object/apply:os.system" in info.value.message
+    assert "\n" not in info.value.message and not marker.exists()
 
 
 @pytest.mark.parametrize("text", ["- data\n- optim\n", "just a string\n", "42\n"])

@@ -564,6 +564,8 @@ def test_response_status_is_in_progress_and_updated_at_is_the_given_time():
         (E.ConfigError, "invalid_config", 500),
         (E.BaseModelError, "base_model_invalid", 500),
         (E.ResumeError, "cannot_resume", 409),
+        (E.OutputDirError, "output_dir_invalid", 500),
+        (E.OutOfMemoryError, "oom", 500),
         (E.NonFiniteLossError, "non_finite_loss", 500),
     ],
 )

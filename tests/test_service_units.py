@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_family_assignments_must_look_like_family_equals_value(item):
 def test_serve_refuses_to_start_without_tokens(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TAILOREDGEN_API_TOKENS", raising=False)
     code = cli.main(["serve", "--data-dir", str(tmp_path), "--base", "fibo=base"])
-    assert code == cli.EXIT_FAILURE and "TAILOREDGEN_API_TOKENS" in capsys.readouterr().err
+    assert code == cli.EXIT_USER_ERROR and "TAILOREDGEN_API_TOKENS" in capsys.readouterr().err
 
 
 def test_serve_refuses_an_unknown_family(tmp_path, monkeypatch, capsys):
@@ -120,6 +121,15 @@ def test_serve_refuses_an_unknown_family(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(ConfigError, match="unknown model family 'flux'"):
         create_app(_settings(tmp_path, bases={"flux": "base"}))
+
+
+def test_serve_refuses_an_engine_config_of_another_family(tmp_path):
+    from tailoredgen_train.service.app import create_app
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(ConfigError, match="family mismatch: --engine-config fibo=.*bria-3.2-tiny.yaml is written for "
+                                          "family bria-3.2"):
+        create_app(_settings(tmp_path, engine_configs={"fibo": str(configs / "bria-3.2-tiny.yaml")}))
 
 
 def test_outcomes_round_trip_and_a_failed_rank_wins(tmp_path):

@@ -18,15 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["fibo", "max", "light", "3.2", "2.3", "bria-3.2", "bria-2.3"])
-def test_each_version_runs_a_short_job_with_its_defaults(version, capsys, tiny_fibo_base, legacy_bases, tmp_path):
+def test_each_version_runs_a_short_job_with_its_defaults(version, caplog, tiny_fibo_base, legacy_bases, tmp_path):
     family = load_version_map()[canonical_version(version)]
     base = tiny_fibo_base if family == "fibo" else legacy_bases[family]
     data = (["--dataset", str(SAMPLE_DATASET_DIR)] if family == "fibo" else
             ["--dataset", str(SAMPLE_TEXT_DATASET_DIR), "--caption-prefix", SAMPLE_TEXT_CAPTION_PREFIX])
+    caplog.set_level("INFO", logger="tailoredgen_train")
     code = main(["train", "--base", str(base), *data, "--output", str(tmp_path / "out"), "--training-version", version,
                  "--config", str(REPO / "configs" / f"{family}-tiny.yaml"), "--set", "run.log_with=none",
                  "--set", "run.stop_after_steps=2"])  # the defaults' 750/1500 steps, cut short
-    out = capsys.readouterr().out
+    out = caplog.text  # the startup summary is a log line (the console's and train.log's)
     assert code == 0
 
     expected = defaults_for(version)

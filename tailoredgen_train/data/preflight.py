@@ -87,7 +87,8 @@ def validate_dataset(
     root = Path(dataset_dir)
     if not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
-        raise DatasetInvalidError(f"Dataset folder {root} {what}. Point data.dataset_dir at a folder of images.")
+        raise DatasetInvalidError(f"Dataset folder {root} {what}: pass a folder of images with metadata.jsonl "
+                                  "(or metadata.csv).")
 
     rows = read_metadata(root)
     samples: list[Sample] = []

@@ -3,7 +3,7 @@
 A cache entry is keyed by the sample id AND a digest of everything that determines its content
 (base model, family options, bucket, image bytes, caption), never by a step or batch index:
 shuffled loaders over step-indexed caches silently pair one image with another's caption
-(trainers.md section 3.8). Entries are written atomically, so a crash never leaves a torn file.
+(a bug found in other trainers). Entries are written atomically, so a crash never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data import CropGeometry, Sample, crop_geometry, load_rgb, resize_and_center_crop, to_tensor
+from ..errors import OutOfMemoryError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -83,9 +84,25 @@ def fill_cache(
         original = load_rgb(item.sample.image_path, max_pixels=max_pixels)
         geometry = crop_geometry(original.size[0], original.size[1], item.bucket)
         image = resize_and_center_crop(original, item.bucket)
-        cache.store(item, encode(to_tensor(image).unsqueeze(0), item.sample.caption, geometry))
+        try:
+            features = encode(to_tensor(image).unsqueeze(0), item.sample.caption, geometry)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not _out_of_memory(exc):
+                raise
+            raise OutOfMemoryError(
+                f"out of memory while encoding {item.sample.sample_id} at {item.bucket[0]}x{item.bucket[1]} "
+                f"({str(exc).splitlines()[0][:200]}). Lower data.resolution (the buckets scale with it) or, for "
+                "long captions, model.max_sequence_length, or run fewer processes per GPU. Nothing was trained; "
+                f"the features already cached in {cache.directory} are kept and reused."
+            ) from None
+        cache.store(item, features)
         encoded += 1
     return encoded
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An accelerator out of memory, or the CPU allocator failing (a plain RuntimeError in torch)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 class CachedFeatures(torch.utils.data.Dataset):

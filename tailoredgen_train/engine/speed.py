@@ -1,7 +1,7 @@
 """Speed and memory levers of the training step: which blocks are checkpointed, regional
 torch.compile, and the optimizer (fused AdamW, 8-bit states, or states offloaded to the CPU).
 
-Measured anchors behind the defaults: shared/reference/h100-measurements.md and docs/PERFORMANCE.md.
+Measured anchors behind the defaults: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

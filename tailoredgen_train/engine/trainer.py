@@ -152,7 +152,9 @@ class Trainer:
             if settings.stop_after_steps and self.progress.step >= settings.stop_after_steps:
                 if self.progress.step not in settings.checkpoint_steps:
                     self.save_resume_state()
-                log.warning("stopping after step %d (run.stop_after_steps); --resume continues", self.progress.step)
+                bar.close()  # the message gets a line of its own, after the bar's last state
+                if self.accelerator.is_main_process:
+                    log.warning(self._stopped_early_message())
                 break
         self._resolve_pending()
         self._record_resolved_steps()
@@ -302,6 +304,24 @@ class Trainer:
             f"{self.checkpoints.resume_path_for(self.progress.step)}. Run again with --resume to continue.",
             signum,
         )
+
+    def _stopped_early_message(self) -> str:
+        """Where a run cut short by run.stop_after_steps left its state, what it published, how to go on."""
+        step = self.progress.step
+        published = [s for s in self.checkpoints.checkpointer.published_steps() if s <= step]
+        if not published:
+            upcoming = [s for s in self.settings.checkpoint_steps if s > step]
+            lora = "no LoRA published" + (f" (the next checkpoint is step {upcoming[0]})" if upcoming else "")
+        else:
+            lora = (f"LoRA published for step(s) {', '.join(map(str, published))}, newest in "
+                    f"{self.checkpoints.checkpointer.path_for(published[-1])}")
+            if published[-1] < step:
+                since = published[-1] + 1
+                lora += f"; none for step {step}" if since == step else f"; none for steps {since}-{step}"
+        return (f"stopped after step {step} of {self.settings.total_steps} (run.stop_after_steps="
+                f"{self.settings.stop_after_steps}): resume state in {self.checkpoints.resume_path_for(step)}; "
+                f"{lora}. To continue, run the same command with --resume and without --set run.stop_after_steps "
+                "(or with a larger value).")
 
     # ---- checkpoints --------------------------------------------------------------------------
 

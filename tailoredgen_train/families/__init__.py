@@ -13,8 +13,9 @@ from typing import Any, Mapping
 
 import yaml
 
+from ..config import EngineConfig
 from ..contract import canonical_version
-from ..errors import BaseModelError, ConfigError, UnknownTrainingVersionError
+from ..errors import BaseModelError, ConfigError, UnknownTrainingVersionError, did_you_mean
 from .base import LoadedModel, ModelFamily, is_local_path
 
 # family name -> "module:Class"; imported lazily so that a family's heavy imports cost nothing
@@ -32,7 +33,8 @@ def family_class(name: str) -> type[ModelFamily]:
     try:
         module_name, class_name = FAMILIES[name].split(":")
     except KeyError:
-        raise ConfigError(f"unknown model family {name!r}; registered: {', '.join(sorted(FAMILIES))}") from None
+        raise ConfigError(f"unknown model family {name!r}{did_you_mean(name, FAMILIES)}; "
+                          f"registered: {', '.join(sorted(FAMILIES))}") from None
     return getattr(import_module(module_name), class_name)
 
 
@@ -49,9 +51,8 @@ def load_version_map(path: str | Path | None = None) -> dict[str, str]:
     return {canonical_version(v): str(f) for v, f in raw["versions"].items()}
 
 
-def family_for_version(
-    training_version: str, options: Mapping[str, Any] | None = None, version_map: Mapping[str, str] | None = None
-) -> ModelFamily:
+def family_name_for_version(training_version: str, version_map: Mapping[str, str] | None = None) -> str:
+    """The registered family that trains `training_version` in this deployment."""
     version = canonical_version(training_version)
     mapping = version_map if version_map is not None else load_version_map()
     if version not in mapping:
@@ -65,7 +66,7 @@ def family_for_version(
             f"training_version {training_version!r} maps to family {name!r}, which this build does not "
             f"include yet (available: {', '.join(sorted(FAMILIES))})."
         )
-    return family_class(name)(options)
+    return name
 
 
 def family_for_base(base: str, options: Mapping[str, Any] | None = None) -> ModelFamily:
@@ -91,5 +92,42 @@ def family_for_base(base: str, options: Mapping[str, Any] | None = None) -> Mode
     return family_class(classes[found])(options)
 
 
-__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "family_class", "family_for_base", "family_for_version",
-           "load_version_map"]
+
+def family_for_version(
+    training_version: str, options: Mapping[str, Any] | None = None, version_map: Mapping[str, str] | None = None
+) -> ModelFamily:
+    return family_class(family_name_for_version(training_version, version_map))(options)
+
+
+def family_for_config(training_version: str, config: EngineConfig, version_map: Mapping[str, str] | None = None,
+                      *, source: str = "the engine config") -> ModelFamily:
+    """The family that trains `training_version`, with the config's model options. A config written
+    for another family (its `family:` key) is refused naming both families and the fix, before its
+    model options could be blamed for it; `source` names the config (e.g. "--config FILE")."""
+    mapping = version_map if version_map is not None else load_version_map()
+    name = family_name_for_version(training_version, mapping)
+    check_config_family(config, name, source=source, wanted_by=f"training_version {training_version!r} trains "
+                        f"family {name}", version_map=mapping)
+    return family_class(name)(config.model)
+
+
+def check_config_family(config: EngineConfig, family: str, *, source: str, wanted_by: str,
+                        version_map: Mapping[str, str] | None = None) -> None:
+    """Refuse a config whose `family:` key names another family than `family`; `wanted_by` says
+    who asks for `family`. A config without the key fits every family."""
+    if config.family is None or config.family == family:
+        return
+    if config.family not in FAMILIES:
+        raise ConfigError(f"{source}: family={config.family!r} is not a model family"
+                          f"{did_you_mean(config.family, FAMILIES)}; registered: {', '.join(sorted(FAMILIES))}")
+    versions = sorted(v for v, f in (version_map or {}).items() if f == config.family)
+    other = f", or train a {config.family} version ({', '.join(versions)})" if versions else ""
+    raise ConfigError(
+        f"family mismatch: {source} is written for family {config.family} (its family: key), but {wanted_by}. "
+        f"Pass a {family} config (configs/{family}.yaml, or configs/{family}-tiny.yaml "
+        f"for the tiny demo base){other}."
+    )
+
+
+__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "check_config_family", "family_class", "family_for_base",
+           "family_for_config", "family_for_version", "family_name_for_version", "load_version_map"]

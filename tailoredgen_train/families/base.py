@@ -23,8 +23,18 @@ import safetensors
 import torch
 from torch import nn
 
+from ..config import type_problem
 from ..data import CropGeometry, apply_caption_prefix, normalize_text_caption
-from ..errors import BaseModelError, ConfigError, InvalidGenerationParameterError, LoraFileError
+from ..errors import BaseModelError, ConfigError, IncompatibleDatasetError, InvalidGenerationParameterError, \
+    LoraFileError, did_you_mean
+
+
+def diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`from_pretrained`'s dtype argument: `dtype` where diffusers has it (it deprecates
+    `torch_dtype` with a warning on every load), `torch_dtype` on the older releases we support."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 @dataclass
@@ -59,13 +69,18 @@ class FamilyOptions:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], family: str) -> FamilyOptions:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(raw) - known)
+        known = sorted(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - set(known))
         if unknown:
+            keys = [f"model.{k}" for k in known]
             raise ConfigError(
-                f"unknown key(s) {', '.join(f'model.{k}' for k in unknown)} for family {family}; "
-                f"accepted: {', '.join(sorted(known)) or 'none'}"
+                f"unknown key(s) {', '.join(f'model.{k}' + did_you_mean(f'model.{k}', keys) for k in unknown)} "
+                f"for family {family}; accepted: {', '.join(known) or 'none'}"
             )
+        for key, value in raw.items():
+            problem = type_problem(cls, key, value)
+            if problem:
+                raise ConfigError(f"model.{key}={value!r} {problem} (family {family})")
         return cls(**raw)
 
 
@@ -95,6 +110,14 @@ class ModelFamily(ABC):
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = self.options_cls.from_mapping(dict(options or {}), self.name)
+
+    def check_caption_prefix(self, caption_prefix: str | None) -> None:
+        """A caption prefix is for text captions; a family with structured captions has none."""
+        if caption_prefix and self.caption_format == "json":
+            raise IncompatibleDatasetError(
+                f"a caption_prefix ({caption_prefix!r}) is for legacy text captions; {self.name} captions are "
+                "structured JSON and take no prefix. Drop the prefix or train a legacy version."
+            )
 
     def check_base(self, base: str) -> None:
         """Fail early, with the fix, when `base` is meant as a local folder but is not this family's.
@@ -198,7 +221,7 @@ class ModelFamily(ABC):
     def _load_pipeline(self, base: str, *, dtype: torch.dtype, **components):
         self.check_base(base)
         with self.loading_errors(base):
-            pipeline = self.pipeline_class.from_pretrained(base, torch_dtype=dtype, **components)
+            pipeline = self.pipeline_class.from_pretrained(base, **diffusers_dtype(dtype), **components)
         self.fix_pipeline_precision(pipeline)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline

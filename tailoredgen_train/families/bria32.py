@@ -1,7 +1,7 @@
 """Bria 3.2 (and BRIA-4B-Adapt, the `max` alias by default): BriaTransformer2DModel + T5-XXL +
 a 4-channel AutoencoderKL, flow matching on 2x2-packed latents.
 
-Facts this module relies on (shared/reference/models.md section 1.2, 4.2):
+Facts this module relies on (docs/MODELS.md, Bria 3.2):
 - prompts go through `BriaPipeline.encode_prompt`: each prompt is encoded alone, without padding,
   then zero-padded to max_sequence_length (128); no attention mask, txt_ids are zeros;
 - latents: (z - shift_factor) * scaling_factor with shift_factor None -> 0, scaling 0.13025; the
@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from ..data.buckets import CropGeometry
 from ..errors import ConfigError
-from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint
+from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint, diffusers_dtype
 from .fibo import FIBO_LORA_TARGETS
 from .tiny_parts import tiny_autoencoder_kl
 
@@ -78,8 +78,9 @@ class Bria32Family(ModelFamily):
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         self.check_base(base)
         with self.loading_errors(base):
-            transformer = BriaTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype)
-            vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+            transformer = BriaTransformer2DModel.from_pretrained(
+                base, subfolder="transformer", **diffusers_dtype(weight_dtype))
+            vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **diffusers_dtype(torch.float32))
             text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
             tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")

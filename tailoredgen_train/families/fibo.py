@@ -1,6 +1,6 @@
 """Bria FIBO: BriaFiboTransformer2DModel + SmolLM3 text encoder + Wan 2.2 VAE, rectified flow.
 
-Facts this module relies on (shared/reference/models.md section 1.1):
+Facts this module relies on (docs/MODELS.md, FIBO):
 - prompts are encoded by `BriaFiboPipeline.get_prompt_embeds` itself: the last two hidden layers
   concatenated, all hidden layers fitted to the transformer's block count, "" -> BOS 128000;
 - latents are the Wan VAE's `latent_dist.mean` of a one-frame video, normalised per channel,
@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..data.buckets import FIBO_BUCKETS_1024, CropGeometry
 from ..data.captions import normalize_json_caption
 from ..errors import ConfigError, InvalidGenerationParameterError, PromptError
-from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint
+from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint, diffusers_dtype
 from .tiny_parts import build_byte_tokenizer
 
 # Bria's FIBO LoRA targets (Bria-AI/FIBO src/fine_tuning/fine_tune_utils.py::add_lora); suffix
@@ -36,7 +36,7 @@ FIBO_LORA_TARGETS = (
 )
 VAE_SCALE = 16  # Wan 2.2: 8x spatial x patch 2
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-# Production FIBO (models.md 1.1): 8 dual + 38 single blocks, inner 3072; 8,285,836,848 parameters
+# Production FIBO (docs/MODELS.md): 8 dual + 38 single blocks, inner 3072; 8,285,836,848 parameters
 FIBO_TRANSFORMER_CONFIG = dict(
     patch_size=1, in_channels=48, num_layers=8, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
     joint_attention_dim=4096, text_encoder_dim=2048, pooled_projection_dim=None, guidance_embeds=False,
@@ -49,7 +49,7 @@ FIBO_VAE_CONFIG = dict(
     temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
 )
 # Activation bytes one block keeps for backward, per token and per unit of inner width, in bf16 at
-# LoRA r=128: (65.3 - 24.7) GiB over 46 blocks x 5632 tokens x 3072 (h100-measurements.md)
+# LoRA r=128: (65.3 - 24.7) GiB over 46 blocks x 5632 tokens x 3072 (docs/PERFORMANCE.md, Anchors)
 ACTIVATION_BYTES_PER_TOKEN_WIDTH = 55
 
 
@@ -115,9 +115,10 @@ class FiboFamily(ModelFamily):
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         self.check_base(base)
         with self.loading_errors(base):
-            transformer = BriaFiboTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype)
+            transformer = BriaFiboTransformer2DModel.from_pretrained(
+                base, subfolder="transformer", **diffusers_dtype(weight_dtype))
             # the VAE stays fp32 as in Bria's recipe: latents are cached once, so its cost is paid once
-            vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+            vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", **diffusers_dtype(torch.float32))
             text_encoder = AutoModelForCausalLM.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
             tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
@@ -267,7 +268,7 @@ class FiboFamily(ModelFamily):
 
     def attention_kwargs(self, text_mask: torch.Tensor | None, image_tokens: int, dtype: torch.dtype) -> dict | None:
         """No mask when nothing is padded (a batch without `text_mask`); else the pipeline's (B,1,1,S)
-        key-padding mask: a dense SxS matrix costs ~40% of a step (h100-measurements.md)."""
+        key-padding mask: a dense SxS matrix costs ~40% of a step (docs/PERFORMANCE.md)."""
         if text_mask is None:
             return None
         image_mask = torch.ones(text_mask.shape[0], image_tokens, dtype=torch.bool, device=text_mask.device)

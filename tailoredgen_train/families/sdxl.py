@@ -1,7 +1,7 @@
 """Bria 2.3 (and the `light` alias by default): an SDXL UNet2DConditionModel with two CLIP text
 encoders, trained on DDPM noise like diffusers' SDXL LoRA recipe that Bria's own 2.3 recipe uses.
 
-Facts this module relies on (shared/reference/models.md section 1.3, 4.4):
+Facts this module relies on (docs/MODELS.md, Bria 2.3):
 - prompts go through `StableDiffusionXLPipeline.encode_prompt` (penultimate hidden states of both
   encoders concatenated, pooled embedding of the second) and `_get_add_time_ids` (original size,
   crop top-left, target size: the micro-conditioning);
@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 from ..data.buckets import CropGeometry
 from ..errors import ConfigError
-from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint
+from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint, diffusers_dtype
 from .tiny_parts import tiny_autoencoder_kl
 
 SDXL_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -70,8 +70,9 @@ class Sdxl23Family(ModelFamily):
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         self.check_base(base)
         with self.loading_errors(base):
-            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype)
-            vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)  # SDXL's VAE overflows in fp16
+            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **diffusers_dtype(weight_dtype))
+            vae = AutoencoderKL.from_pretrained(
+                base, subfolder="vae", **diffusers_dtype(torch.float32))  # SDXL's VAE overflows in fp16
             text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
                                                                          dtype=weight_dtype)

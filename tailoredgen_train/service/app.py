@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import EngineConfig, load_engine_config
 from ..contract import canonical_version
 from ..errors import InvalidParameterError, RateLimitedError, TailoredGenError, UnknownTrainingVersionError
-from ..families import family_class, load_version_map
+from ..families import check_config_family, family_class, load_version_map
 from .auth import RateLimiter, TokenAuth, UrlSigner
 from .db import Database
 from .launchers import Backend, LocalBackend, SlurmBackend
@@ -51,6 +51,9 @@ class Service:
         for family in settings.bases:
             family_class(family)  # an unknown family name fails at start-up, not at the first training
         self.engine_configs = {f: load_engine_config(p) for f, p in settings.engine_configs.items()}
+        for family, config in self.engine_configs.items():
+            check_config_family(config, family, source=f"--engine-config {family}={settings.engine_configs[family]}",
+                                wanted_by=f"it is given for family {family}")
         self.db = Database(settings.database_url)
         if backend is None:
             backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"

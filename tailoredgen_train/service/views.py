@@ -1,4 +1,4 @@
-"""The JSON bodies the API returns, built from database rows (bria-api.md sections 1-3)."""
+"""The JSON bodies the API returns, built from database rows (Bria's API docs: projects, datasets, models)."""
 
 from __future__ import annotations
 
