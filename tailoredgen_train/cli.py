@@ -1,4 +1,4 @@
-"""Command line: `tailoredgen-train {train,validate-dataset,make-tiny-base,run-job,serve}`.
+"""Command line: `tailoredgen-train {train,validate-dataset,make-tiny-base,run-job,serve,caption,...}`.
 
 The train flags named after the contract's request fields go through the same resolution as the
 API (expert-mode rule, ranges, defaults); engineering options come from --config and --set.
@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .captioning import commands as caption_commands
 from .config import load_engine_config
 from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
 from .errors import Preempted, TailoredGenError
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_options(validate)
 
     tiny = commands.add_parser("make-tiny-base", help="build a tiny base model with the real classes")
-    tiny.add_argument("--family", required=True, help="model family, e.g. fibo")
+    tiny.add_argument("--family", required=True, help="model family, e.g. fibo; fibo-vlm: a tiny captioning VLM")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
+    caption_commands.add_commands(commands)
     return parser
 
 
@@ -125,8 +127,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from .families import family_class
 
-    family = family_class(args.family)()
-    family.make_tiny_base(Path(args.out_dir), seed=args.seed)
+    if args.family == "fibo-vlm":  # the captioner is not a training family: a fixture builds it
+        from .fixtures.tiny_vlm import make_tiny_vlm
+
+        make_tiny_vlm(args.out_dir, seed=args.seed)
+    else:
+        family_class(args.family)().make_tiny_base(Path(args.out_dir), seed=args.seed)
     print(f"tiny {args.family} base written to {args.out_dir}")
     return 0
 
@@ -170,7 +176,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "validate-dataset": _cmd_validate, "make-tiny-base": _cmd_tiny,
-            "run-job": _cmd_run_job, "serve": _cmd_serve}
+            "run-job": _cmd_run_job, "serve": _cmd_serve, **caption_commands.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
