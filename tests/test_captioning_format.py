@@ -171,7 +171,8 @@ def test_cleaning_a_cleaned_caption_changes_nothing_but_whitespace():
 def test_numeric_scores_become_fibos_words():
     record = json.loads(RAW_RECORD) | {"aesthetic_score": 7.2, "pickascore": 0.95, "resolution": "1024"}
     cleaned = clean_caption(record)
-    assert (cleaned["aesthetics"]["aesthetic_score"], cleaned["aesthetics"]["preference_score"]) == ("high", "very high")
+    scores = (cleaned["aesthetics"]["aesthetic_score"], cleaned["aesthetics"]["preference_score"])
+    assert scores == ("high", "very high")
     assert "pickascore" not in cleaned and "resolution" not in cleaned  # only FIBO's ten fields stay
     assert clean_caption({"short_description": "x", "aesthetic_score": 5.0}) == {
         "short_description": "x", "aesthetics": {"aesthetic_score": "very low"}}

@@ -198,7 +198,9 @@ class Captioner:
         processor = self.processor
         inputs = self.model_inputs(batch)
         constraint = CaptionConstraint(self.vocabulary, [grammar] * len(batch))
-        devices = [self.device] if self.device.type == "cuda" else []
+        devices = []
+        if self.device.type == "cuda":
+            devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         with self._lock, torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)  # reproducible, without moving the caller's random state
             generated = self.model.generate(

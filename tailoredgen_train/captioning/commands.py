@@ -30,7 +30,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          "(default: DATASET/visual_schema.json when it exists)")
     caption.add_argument("--overwrite", action="store_true", help="recaption images that already have a caption")
     caption.add_argument("--json", action="store_true", help="print the summary as JSON")
-    caption.add_argument("--version-map", help="YAML mapping training_version -> family (default: packaged map)")
     _add_vlm_options(caption)
 
     schema = commands.add_parser("visual-schema", help="the caption fields 5 to 10 images share (FIBO's format)")
@@ -72,11 +71,12 @@ def _captioner(args: argparse.Namespace):
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from ..families import family_for_version, load_version_map
+    from ..contract import is_fibo
     from .dataset import caption_dataset
     from .visual_schema import VISUAL_SCHEMA_FILE, load_visual_schema
 
-    caption_format = family_for_version(args.training_version, None, load_version_map(args.version_map)).caption_format
+    # the contract's rule, as the service applies it to uploaded captions: FIBO's are JSON, the rest text
+    caption_format = "json" if is_fibo(args.training_version) else "text"
     schema = None
     schema_file = args.visual_schema or (Path(args.dataset) / VISUAL_SCHEMA_FILE)
     if caption_format == "json" and (args.visual_schema or Path(schema_file).is_file()):
@@ -94,9 +94,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_visual_schema(args: argparse.Namespace) -> int:
-    from .visual_schema import VISUAL_SCHEMA_FILE, save_visual_schema
+    from .visual_schema import VISUAL_SCHEMA_FILE, VISUAL_SCHEMA_IMAGES, save_visual_schema
 
     images = _image_paths(args.images)
+    low, high = VISUAL_SCHEMA_IMAGES
+    if not low <= len(images) <= high:  # before loading a model
+        raise CaptionInputError(f"a visual schema is made from {low} to {high} images, got {len(images)}")
     out = Path(args.out) if args.out else images[0].parent / VISUAL_SCHEMA_FILE
     schema = _captioner(args).visual_schema(images, seed=args.seed)
     save_visual_schema(schema, out)

@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..data.images import ImageProblem, load_rgb
 from ..data.metadata import CSV_NAME, JSONL_NAME, read_metadata
 from ..data.preflight import _image_files, _sample_id
 from ..errors import DatasetInvalidError
-from .captioner import CaptionFormat, Captioner
+from .captioner import CaptionFormat, Captioner, CaptionResult
 
 logger = logging.getLogger(__name__)
 _STAGING_PREFIX = f".{JSONL_NAME}.tmp-"
@@ -32,7 +33,7 @@ _STAGING_PREFIX = f".{JSONL_NAME}.tmp-"
 @dataclass(frozen=True)
 class CaptionFailure:
     file_name: str
-    code: str  # caption_failed, or the image's problem (corrupt, truncated, missing_file, ...)
+    code: str  # caption_failed, oom, or the image's problem (corrupt, truncated, missing_file, ...)
     detail: str
     raw: str | None = None
 
@@ -102,8 +103,8 @@ def caption_dataset(dataset_dir: str | Path, captioner: Captioner | Callable[[],
                 ready.append((sample_id, entry))
             except ImageProblem as e:
                 summary.failed.append(CaptionFailure(sample_id, e.reason, e.detail))
-        results = captioner.caption_images(images, caption_format=caption_format, visual_schema=visual_schema,
-                                           caption_prefix=caption_prefix, seed=seed + start) if images else []
+        options = dict(caption_format=caption_format, visual_schema=visual_schema, caption_prefix=caption_prefix)
+        results = _caption_batch(captioner, images, options, seed + start)
         for (sample_id, entry), result in zip(ready, results):
             if not result.ok:
                 summary.failed.append(CaptionFailure(sample_id, result.code, result.detail, result.raw))
@@ -118,6 +119,30 @@ def caption_dataset(dataset_dir: str | Path, captioner: Captioner | Callable[[],
         bar.update(len(batch))
     bar.close()
     return summary
+
+
+def _caption_batch(captioner: Captioner, images: list, options: dict[str, Any], seed: int) -> list[CaptionResult]:
+    """A batch's results; a batch that runs out of accelerator memory is redone one image at a time,
+    so that one large image fails alone instead of stopping the dataset."""
+    if not images:
+        return []
+    try:
+        return captioner.caption_images(images, seed=seed, **options)
+    except torch.OutOfMemoryError:
+        _free_memory()
+    results = []
+    for index, image in enumerate(images):
+        try:
+            results += captioner.caption_images([image], seed=seed + index, **options)
+        except torch.OutOfMemoryError as e:
+            _free_memory()
+            results.append(CaptionResult(None, "oom", f"out of memory even alone: lower --max-pixels ({e})"))
+    return results
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def write_metadata(root: Path, entries: list[dict[str, Any]]) -> Path:
