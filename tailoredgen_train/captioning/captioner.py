@@ -29,7 +29,7 @@ from .constrained import CaptionConstraint, GrammarVocabulary
 from .grammar import CaptionGrammar, CaptionLimits, caption_grammar, text_grammar
 from .loading import DEFAULT_VLM, FIBO_MAX_PIXELS, FIBO_MIN_PIXELS, load_vlm
 from .prompts import Messages, Sampling, generate_messages, images_of, inspire_messages, refine_messages
-from .visual_schema import VISUAL_SCHEMA_IMAGES, shared_fields
+from .visual_schema import check_image_count, shared_fields
 
 logger = logging.getLogger(__name__)
 CaptionFormat = Literal["json", "text"]
@@ -122,9 +122,7 @@ class Captioner:
 
     def visual_schema(self, images: Sequence[Image.Image | str | Path], *, seed: int = 0) -> dict[str, Any]:
         """What 5 to 10 images share, in FIBO's caption format (see visual_schema.shared_fields)."""
-        low, high = VISUAL_SCHEMA_IMAGES
-        if not low <= len(images) <= high:
-            raise CaptionInputError(f"a visual schema is made from {low} to {high} images, got {len(images)}")
+        check_image_count(len(images))
         results = self.caption_images(images, seed=seed)
         captions = [json.loads(r.caption) for r in results if r.ok]
         if not captions:

@@ -73,6 +73,7 @@ def _captioner(args: argparse.Namespace):
 def cmd_caption(args: argparse.Namespace) -> int:
     from ..contract import is_fibo
     from .dataset import caption_dataset
+    from .grammar import CaptionLimits, caption_grammar
     from .visual_schema import VISUAL_SCHEMA_FILE, load_visual_schema
 
     # the contract's rule, as the service applies it to uploaded captions: FIBO's are JSON, the rest text
@@ -81,25 +82,24 @@ def cmd_caption(args: argparse.Namespace) -> int:
     schema_file = args.visual_schema or (Path(args.dataset) / VISUAL_SCHEMA_FILE)
     if caption_format == "json" and (args.visual_schema or Path(schema_file).is_file()):
         schema = load_visual_schema(schema_file)
+        caption_grammar(CaptionLimits(), schema)  # refuses fields FIBO does not have, before loading a model
         print(f"visual schema: {schema_file}", file=sys.stderr)
     elif args.visual_schema:
         raise CaptionInputError("--visual-schema is for FIBO (JSON) captions, not legacy text captions")
     if args.caption_prefix and caption_format == "json":
         raise CaptionInputError("--caption-prefix is for legacy (text) captions; FIBO captions are JSON")
     summary = caption_dataset(args.dataset, lambda: _captioner(args), caption_format=caption_format,
-                              overwrite=args.overwrite,
-                              caption_prefix=args.caption_prefix, visual_schema=schema, seed=args.seed)
+                              overwrite=args.overwrite, caption_prefix=args.caption_prefix, visual_schema=schema,
+                              seed=args.seed)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.format())
     return EXIT_FAILURE if summary.failed else 0
 
 
 def cmd_visual_schema(args: argparse.Namespace) -> int:
-    from .visual_schema import VISUAL_SCHEMA_FILE, VISUAL_SCHEMA_IMAGES, save_visual_schema
+    from .visual_schema import VISUAL_SCHEMA_FILE, check_image_count, save_visual_schema
 
     images = _image_paths(args.images)
-    low, high = VISUAL_SCHEMA_IMAGES
-    if not low <= len(images) <= high:  # before loading a model
-        raise CaptionInputError(f"a visual schema is made from {low} to {high} images, got {len(images)}")
+    check_image_count(len(images))  # before loading a model
     out = Path(args.out) if args.out else images[0].parent / VISUAL_SCHEMA_FILE
     schema = _captioner(args).visual_schema(images, seed=args.seed)
     save_visual_schema(schema, out)

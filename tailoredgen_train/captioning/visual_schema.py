@@ -25,6 +25,12 @@ VISUAL_SCHEMA_IMAGES = (5, 10)  # as Bria's generate_visual_schema
 VISUAL_SCHEMA_FILE = "visual_schema.json"
 
 
+def check_image_count(count: int) -> None:
+    low, high = VISUAL_SCHEMA_IMAGES
+    if not low <= count <= high:
+        raise CaptionInputError(f"a visual schema is made from {low} to {high} images, got {count}")
+
+
 def shared_fields(captions: Sequence[Mapping[str, Any]], *, min_agreement: float = 0.5) -> dict[str, Any]:
     """The values that more than `min_agreement` of `captions` agree on, as a partial caption."""
     return _shared(CAPTION_FIELDS, list(captions), min_agreement)
