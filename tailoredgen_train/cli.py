@@ -1,4 +1,7 @@
-"""Command line: `tailoredgen-train {train,validate-dataset,generate,report,make-tiny-base,run-job,serve}`.
+"""Command line of tailoredgen-train: caption, validate and train a dataset, generate, report, serve.
+
+Commands: train, validate-dataset, caption, visual-schema, expand-prompt, generate, report,
+make-tiny-base, run-job (internal), serve.
 
 The train flags named after the contract's request fields go through the same resolution as the
 API (expert-mode rule, ranges, defaults); engineering options come from --config and --set.
@@ -12,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .captioning import commands as caption_commands
 from .config import EngineConfig, load_engine_config
 from .contract import REQUEST_FIELDS, TRAINING_MODES, resolve_training_parameters
 from .errors import (
@@ -123,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
 
     tiny = commands.add_parser("make-tiny-base", help="build a tiny base model with the real classes")
-    tiny.add_argument("--family", required=True, help="model family, e.g. fibo")
+    tiny.add_argument("--family", required=True, help="model family, e.g. fibo; fibo-vlm: a tiny captioning VLM")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -154,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="rebuild RUN_DIR/report.html (status, curves, samples, settings)")
     report.add_argument("run_dir", help="a run's output folder (the one holding job.json)")
+
+    caption_commands.add_commands(commands)
     return parser
 
 
@@ -303,8 +309,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from .families import family_class
 
-    family = family_class(args.family)()
-    family.make_tiny_base(Path(args.out_dir), seed=args.seed)
+    if args.family == "fibo-vlm":  # the captioner is not a training family: a fixture builds it
+        from .fixtures.tiny_vlm import make_tiny_vlm
+
+        make_tiny_vlm(args.out_dir, seed=args.seed)
+    else:
+        family_class(args.family)().make_tiny_base(Path(args.out_dir), seed=args.seed)
     print(f"tiny {args.family} base written to {args.out_dir}")
     return 0
 
@@ -348,7 +358,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "validate-dataset": _cmd_validate, "generate": _cmd_generate,
-            "report": _cmd_report, "make-tiny-base": _cmd_tiny, "run-job": _cmd_run_job, "serve": _cmd_serve}
+            "report": _cmd_report, "make-tiny-base": _cmd_tiny, "run-job": _cmd_run_job, "serve": _cmd_serve,
+            **caption_commands.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,6 +227,36 @@ class Preempted(TailoredGenError):
         self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT, as shells report them
 
 
+class CaptionFailedError(TailoredGenError):
+    """The VLM did not produce a usable caption or JSON prompt, even after a retry at another seed.
+    `raw` is what it wrote on the last attempt."""
+
+    code = "caption_failed"
+    http_status = 500
+
+    def __init__(self, message: str, raw: str | None = None):
+        super().__init__(message)
+        self.raw = raw
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "raw": self.raw}
+
+
+class VlmInvalidError(TailoredGenError):
+    """--vlm names something that cannot be loaded as a Qwen3-VL captioner (an operator's mistake)."""
+
+    code = "vlm_invalid"
+    http_status = 500
+
+
+class CaptionInputError(TailoredGenError):
+    """A captioning request the user can fix: an empty prompt, a JSON prompt that is not an object,
+    a visual schema with the wrong number of images or with fields FIBO does not have (400)."""
+
+    code = "invalid_caption_input"
+    http_status = 400
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """" (did you mean X?)" for the closest candidate to a misspelt name, or "" when none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=1)

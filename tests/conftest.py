@@ -33,3 +33,11 @@ def legacy_bases(tmp_path_factory) -> dict[str, Path]:
 def _seed_everything():
     # model construction in tests must not depend on test order
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-VL captioner saved as a real one (make-tiny-base --family fibo-vlm)."""
+    from tailoredgen_train.fixtures.tiny_vlm import make_tiny_vlm
+
+    return make_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=0)

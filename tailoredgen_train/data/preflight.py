@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from tailoredgen_train.data.caption_format import CAPTION_FORMAT_HINT, has_known_field, unknown_fields
 from tailoredgen_train.data.captions import apply_caption_prefix, normalize_json_caption, normalize_text_caption
 from tailoredgen_train.data.images import IMAGE_EXTENSIONS, ImageProblem, has_image_extension, load_rgb
 from tailoredgen_train.data.metadata import CSV_NAME, JSONL_NAME, MetadataRow, Problem, read_metadata
@@ -170,7 +172,9 @@ def _check_row(
     conversions: list[str] = []
     size = _check_image(image_path, sample_id, min_side, max_pixels, conversions)
     notes.extend(Problem(sample_id, code, _NOTE_DETAILS[code], row.source) for code in conversions)
-    caption = _check_caption(row.caption, caption_format, caption_prefix)
+    caption_notes: list[str] = []
+    caption = _check_caption(row.caption, caption_format, caption_prefix, caption_notes)
+    notes.extend(Problem(sample_id, "unknown_caption_field", detail, row.source) for detail in caption_notes)
     if isinstance(size, _Reject) or isinstance(caption, _Reject):
         return [Problem(sample_id, p.reason, p.detail, row.source) for p in (size, caption) if isinstance(p, _Reject)]
     width, height = size
@@ -217,17 +221,26 @@ def _check_image(
     return width, height
 
 
-def _check_caption(caption: str | None, caption_format: str, caption_prefix: str | None) -> str | _Reject:
-    """The normalised caption, or why it is unusable."""
+def _check_caption(
+    caption: str | None, caption_format: str, caption_prefix: str | None, notes: list[str]
+) -> str | _Reject:
+    """The normalised caption, or why it is unusable; what is odd but usable goes to `notes`."""
     if caption is None:
         return _Reject("missing_caption", 'the metadata entry has no "caption"; add one')
     if not caption.strip():
         return _Reject("empty_caption", "the caption is empty; write a caption for this image")
     if caption_format == "json":
         try:
-            return normalize_json_caption(caption)
+            text = normalize_json_caption(caption)
         except ValueError as e:
-            return _Reject("invalid_json", str(e))
+            return _Reject("invalid_json", f"{e}. {CAPTION_FORMAT_HINT}")
+        fields = json.loads(text)
+        if not has_known_field(fields):
+            names = ", ".join(repr(k) for k in list(fields)[:5]) or "none"
+            return _Reject("not_a_fibo_caption", f"none of its fields ({names}) is a FIBO caption field such as "
+                           f"short_description, objects or lighting. {CAPTION_FORMAT_HINT}")
+        notes.extend(unknown.describe() for unknown in unknown_fields(fields))
+        return text
     try:
         text = normalize_text_caption(caption)
     except ValueError as e:
