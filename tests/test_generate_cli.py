@@ -162,3 +162,19 @@ def test_a_damaged_checkpoint_is_never_picked(runs, tmp_path):
     with pytest.raises(LoraFileError, match="damaged"):
         find_lora(run, 200)
     assert find_lora(newest).job is not None  # the file alone still finds its run
+
+
+def test_a_plain_fibo_prompt_is_expanded_by_the_captioning_model(runs, tiny_vlm, tmp_path, capsys):
+    """With --vlm, plain text becomes a structured JSON prompt first (FIBO-VLM's <generate>), and
+    the JSON used is reported; without it the same prompt is refused (the table above)."""
+    base, run = runs["fibo"]
+    out = tmp_path / "out"
+    code, stdout, stderr = generate(capsys, "--base", base, "--lora", str(run), "--prompt", "a red fox in the snow",
+                                    "--prompt", PROMPTS["fibo"], "--vlm", str(tiny_vlm), "--out", str(out))
+    assert code == 0, stderr
+    assert stdout.count("expanded by") == 1  # the JSON prompt is used as given
+    used = [entry["prompt"] for entry in json.loads((out / "prompts.json").read_text())]
+    expanded = json.loads(used[0])
+    assert isinstance(expanded, dict) and expanded, used[0]
+    assert f"into {used[0]}" in stdout
+    assert used[1] == json.dumps(json.loads(PROMPTS["fibo"]), separators=(",", ":"))

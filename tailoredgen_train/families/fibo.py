@@ -315,8 +315,9 @@ class FiboFamily(ModelFamily):
             raise PromptError(
                 f"FIBO needs a structured JSON prompt, a JSON object such as "
                 f'{{"short_description": "a red fox in fresh snow", "background_setting": "a pine forest"}}; '
-                f"got {excerpt!r} ({reason}). A captioning model can expand plain text into a structured "
-                f"prompt once one is configured.") from None
+                f"got {excerpt!r} ({reason}). A captioning model expands plain text into a structured prompt: "
+                f"`generate --vlm briaai/FIBO-vlm` (or `expand-prompt`) on the command line, `serve --vlm` for the "
+                f"API; the fields are in docs/CAPTIONS.md.") from None
 
     # ---- tiny base ----------------------------------------------------------------------------
 
