@@ -30,6 +30,7 @@ from .engine.preemption import StopFlag
 from .engine.speed import GIB
 from .families.base import LoadedModel
 from .families.fibo import FiboFamily
+from .fixtures.tiny_bases import build_random_fibo, make_tiny_fibo
 from .inference.validation import plan_validation
 from .recipe import JobSpec, make_accelerator, prepare_training, weight_dtype_for
 
@@ -259,8 +260,8 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     set_seed(config.run.seed)
     render_components = None
     if options.full:
-        model = family.build_random(device=device, weight_dtype=weight_dtype_for(accelerator),
-                                    num_layers=options.layers, text_layers=options.text_layers)
+        model = build_random_fibo(device=device, weight_dtype=weight_dtype_for(accelerator),
+                                  num_layers=options.layers, text_layers=options.text_layers)
         base = "random full-size FIBO"
         # no folder to load the renderer's text encoder and VAE from: it keeps these on the host
         render_components = {"text_encoder": model.encoders["text"].text_encoder,
@@ -269,7 +270,7 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     else:
         base_dir = work / "tiny-base"
         if not base_dir.exists():
-            family.make_tiny_base(base_dir, seed=0)
+            make_tiny_fibo(base_dir, seed=0)
         model = family.load(str(base_dir), device=device, weight_dtype=weight_dtype_for(accelerator))
         base = str(base_dir)
     if device.type == "cuda":

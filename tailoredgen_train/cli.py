@@ -188,14 +188,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
-    from .families import family_class
+    from .fixtures.tiny_bases import make_tiny_base
 
-    if args.family == "fibo-vlm":  # the captioner is not a training family: a fixture builds it
-        from .fixtures.tiny_vlm import make_tiny_vlm
-
-        make_tiny_vlm(args.out_dir, seed=args.seed)
-    else:
-        family_class(args.family)().make_tiny_base(Path(args.out_dir), seed=args.seed)
+    make_tiny_base(args.family, args.out_dir, seed=args.seed)
     print(f"tiny {args.family} base written to {args.out_dir}")
     return 0
 

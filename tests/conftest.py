@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tailoredgen_train.families import family_class
-from tailoredgen_train.families.fibo import FiboFamily
+from tailoredgen_train.fixtures.tiny_bases import make_tiny_base
 
 
 @pytest.fixture(scope="session")
 def tiny_fibo_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-fibo-base")
-    FiboFamily().make_tiny_base(out, seed=0)
+    make_tiny_base("fibo", out, seed=0)
     return out
 
 
@@ -25,7 +24,7 @@ def legacy_bases(tmp_path_factory) -> dict[str, Path]:
     bases = {}
     for name in ("bria-3.2", "bria-2.3"):
         bases[name] = tmp_path_factory.mktemp(f"tiny-{name}")
-        family_class(name)().make_tiny_base(bases[name], seed=0)
+        make_tiny_base(name, bases[name], seed=0)
     return bases
 
 

@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tailoredgen_train.benchmark import bf16_peak_tflops, fibo_step_flop_parts
 from tailoredgen_train.engine.lora import add_lora
-from tailoredgen_train.families.fibo import FIBO_LORA_TARGETS, FiboFamily
+from tailoredgen_train.families.fibo import FIBO_LORA_TARGETS
+from tailoredgen_train.fixtures.tiny_bases import build_random_fibo
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"recipe": str, "size": str, "device": str, "s_per_step": float, "peak_gib": float, "tflops": float,
@@ -50,7 +51,7 @@ def test_tiny_bench_of_both_recipes_prints_one_line_each_and_the_ratio(tmp_path)
 
 
 def test_full_size_fibo_builds_with_the_published_shapes():
-    model = FiboFamily().build_random(device=torch.device("meta"), weight_dtype=torch.bfloat16)
+    model = build_random_fibo(device=torch.device("meta"), weight_dtype=torch.bfloat16)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(model.denoiser) == 8_285_836_848  # models.md 1.1
     assert count(model.encoders["vae"]) == 704_688_668
@@ -59,7 +60,7 @@ def test_full_size_fibo_builds_with_the_published_shapes():
 
 
 def test_full_size_shrinks_for_smoke_runs():
-    model = FiboFamily().build_random(device=torch.device("meta"), weight_dtype=torch.bfloat16, num_layers=1,
+    model = build_random_fibo(device=torch.device("meta"), weight_dtype=torch.bfloat16, num_layers=1,
                                       text_layers=1)
     assert model.extras["num_blocks"] == 2
     assert model.encoders["text"].text_encoder.config.num_hidden_layers == 1

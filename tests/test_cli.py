@@ -263,7 +263,8 @@ def test_a_config_of_another_family_is_refused_as_a_family_mismatch(capsys, tmp_
 def test_a_misspelt_family_gets_the_closest_name(capsys, tmp_path):
     code, _, err = run_cli(capsys, "make-tiny-base", "--family", "fibbo", str(tmp_path / "base"))
     assert code == EXIT_USER_ERROR
-    assert err.startswith("error [invalid_config]: unknown model family 'fibbo' (did you mean fibo?); registered:")
+    assert err.startswith("error [invalid_config]: --family 'fibbo' has no tiny base (did you mean fibo?); choose "
+                          "one of fibo, bria-3.2, bria-2.3, fibo-vlm")
     assert not (tmp_path / "base").exists()
 
 

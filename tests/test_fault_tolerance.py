@@ -30,6 +30,7 @@ from tailoredgen_train.errors import (
     ResumeError,
 )
 from tailoredgen_train.families.fibo import FiboFamily
+from tailoredgen_train.fixtures.tiny_bases import make_tiny_base
 from tailoredgen_train.recipe import JobSpec, run_training
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
@@ -290,7 +291,7 @@ def test_resume_refuses_other_target_modules(tiny_fibo_base, dataset, tmp_path):
 
 def test_resume_refuses_another_base_model(tiny_fibo_base, dataset, tmp_path):
     other_base = tmp_path / "other-base"
-    FiboFamily().make_tiny_base(other_base, seed=1)
+    make_tiny_base("fibo", other_base, seed=1)
     train(tiny_fibo_base, tmp_path / "out", params(2, rank=4), dataset=dataset)
     with pytest.raises(ResumeError, match="base_fingerprint"):
         train(other_base, tmp_path / "out", params(4, rank=4), dataset=dataset, resume=True)

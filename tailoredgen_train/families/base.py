@@ -179,10 +179,6 @@ class ModelFamily(ABC):
     def save_lora(self, directory: Path, lora_state: dict[str, torch.Tensor], adapter_metadata: dict) -> None:
         """Write `pytorch_lora_weights.safetensors` in the key format of the family's pipeline."""
 
-    @abstractmethod
-    def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
-        """Build every component with the real classes at tiny sizes and save a diffusers-format directory."""
-
     def denoiser_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
         """The repeated transformer blocks, in call order: the unit of selective gradient
         checkpointing and regional compilation. Empty: the family supports neither."""

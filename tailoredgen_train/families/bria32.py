@@ -13,7 +13,6 @@ Facts this module relies on (docs/MODELS.md, Bria 3.2):
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from ..data.buckets import CropGeometry
 from ..errors import ConfigError
 from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint, diffusers_dtype
 from .fibo import FIBO_LORA_TARGETS
-from .tiny_parts import tiny_autoencoder_kl
 
 # Bria's 3.x LoRA recipe (Efrat-Taig/training-lora-advanced): the attention and feed-forward
 # suffixes of FIBO's list, without the AdaLN and output layers.
@@ -167,28 +165,3 @@ class Bria32Family(ModelFamily):
     def _load_lora_weights(self, pipeline, lora_file: Path, adapter_name: str) -> None:
         pipeline.transformer.load_lora_adapter(str(lora_file.parent), prefix=self.lora_key_prefix,
                                                weight_name=lora_file.name, adapter_name=adapter_name)
-
-    def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
-        from transformers import T5Config, T5Tokenizer
-
-        torch.manual_seed(seed)
-        # a character-level Unigram vocabulary: every printable ASCII character is a piece
-        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-        pieces += [(ch, -3.0) for ch in string.printable if not ch.isspace()]
-        tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-        text_encoder = T5EncoderModel(T5Config(
-            vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        ))
-        transformer = BriaTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
-            num_attention_heads=8, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4],
-        )
-        vae = tiny_autoencoder_kl(shift_factor=None)  # BRIA-3.2's VAE has shift_factor null
-        # BRIA-3.2's scheduler_config.json
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
-        )
-        BriaPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                     tokenizer=tokenizer).save_pretrained(out_dir)

@@ -24,7 +24,6 @@ from ..data.buckets import FIBO_BUCKETS_1024, CropGeometry
 from ..data.captions import normalize_json_caption
 from ..errors import ConfigError, InvalidGenerationParameterError, PromptError
 from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint, diffusers_dtype
-from .tiny_parts import build_byte_tokenizer
 
 # Bria's FIBO LoRA targets (Bria-AI/FIBO src/fine_tuning/fine_tune_utils.py::add_lora); suffix
 # matching also catches the top-level proj_out.
@@ -140,38 +139,6 @@ class FiboFamily(ModelFamily):
             fingerprint=fingerprint,
             extras={"num_blocks": len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)},
         )
-
-    def build_random(self, *, device: torch.device, weight_dtype: torch.dtype, num_layers: int | None = None,
-                     text_layers: int | None = None, seed: int = 0) -> LoadedModel:
-        """Production-size FIBO with random weights, built on `device` in `weight_dtype` (VAE fp32,
-        as `load`): for benchmarks, with no 8B-weight disk round trip. `num_layers` N shrinks it to N
-        dual + N single blocks and `text_layers` the text encoder's depth (CPU smoke tests)."""
-        from transformers import SmolLM3Config, SmolLM3ForCausalLM
-
-        torch.manual_seed(seed)
-        config = dict(FIBO_TRANSFORMER_CONFIG)
-        if num_layers is not None:
-            config.update(num_layers=num_layers, num_single_layers=num_layers)
-        tokenizer = build_byte_tokenizer()  # byte tokens: a caption of N ASCII characters is N tokens
-        depth = {} if text_layers is None else {"num_hidden_layers": text_layers}
-        # the defaults are SmolLM3-3B's: hidden 2048, 36 layers, vocab 128256
-        text_config = SmolLM3Config(pad_token_id=tokenizer.pad_token_id, bos_token_id=128000,
-                                    eos_token_id=tokenizer.eos_token_id, **depth)
-        previous = torch.get_default_dtype()
-        try:
-            with torch.device(device):
-                torch.set_default_dtype(weight_dtype)  # parameters are born in their final dtype
-                transformer = BriaFiboTransformer2DModel(**config)
-                text_encoder = SmolLM3ForCausalLM(text_config)
-                torch.set_default_dtype(torch.float32)
-                vae = AutoencoderKLWan(**FIBO_VAE_CONFIG)
-        finally:
-            torch.set_default_dtype(previous)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096,
-        )
-        return self._assemble(f"random:{seed}", transformer, vae, text_encoder, tokenizer, scheduler)
 
     # ---- features -----------------------------------------------------------------------------
 
@@ -318,40 +285,3 @@ class FiboFamily(ModelFamily):
                 f"got {excerpt!r} ({reason}). A captioning model expands plain text into a structured prompt: "
                 f"`generate --vlm briaai/FIBO-vlm` (or `expand-prompt`) on the command line, `serve --vlm` for the "
                 f"API; the fields are in docs/CAPTIONS.md.") from None
-
-    # ---- tiny base ----------------------------------------------------------------------------
-
-    def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
-        from transformers import SmolLM3Config, SmolLM3ForCausalLM
-
-        torch.manual_seed(seed)
-        tokenizer = build_byte_tokenizer()
-        # vocab must reach FIBO's hard-coded BOS id 128000; tied embeddings keep the file small
-        text_encoder = SmolLM3ForCausalLM(SmolLM3Config(
-            vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=128000, eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=True,
-        ))
-        # 1 dual + 3 single blocks > 3 hidden states: exercises the pipeline's "repeat the last" rule
-        transformer = BriaFiboTransformer2DModel(
-            patch_size=1, in_channels=48, num_layers=1, num_single_layers=3, attention_head_dim=8,
-            num_attention_heads=8, joint_attention_dim=64, text_encoder_dim=32, pooled_projection_dim=None,
-            axes_dims_rope=[0, 4, 4],
-        )
-        generator = torch.Generator().manual_seed(seed)
-        vae = AutoencoderKLWan(
-            base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
-            in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
-            temperal_downsample=[False, True, True],
-            # non-trivial statistics, so that tests see the normalisation at work
-            latents_mean=(torch.randn(48, generator=generator) * 0.1).tolist(),
-            latents_std=(torch.rand(48, generator=generator) + 0.5).tolist(),
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096,
-        )
-        pipe = BriaFiboPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                                tokenizer=tokenizer)
-        pipe.save_pretrained(out_dir)

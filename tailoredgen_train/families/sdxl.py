@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -33,7 +32,6 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 from ..data.buckets import CropGeometry
 from ..errors import ConfigError
 from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint, diffusers_dtype
-from .tiny_parts import tiny_autoencoder_kl
 
 SDXL_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # SDXL's ~1 MP training resolutions (W, H); sides are multiples of 64.
@@ -151,41 +149,3 @@ class Sdxl23Family(ModelFamily):
             directory, unet_lora_layers=lora_state, unet_lora_adapter_metadata=adapter_metadata,
             weight_name="pytorch_lora_weights.safetensors",
         )
-
-    def make_tiny_base(self, out_dir: Path, seed: int = 0) -> None:
-        from tokenizers.pre_tokenizers import ByteLevel
-        from transformers import CLIPTextConfig, CLIPTokenizer
-
-        torch.manual_seed(seed)
-        # byte-level BPE without merges: each byte a token, with CLIP's end-of-word variants
-        symbols = sorted(ByteLevel.alphabet())
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        vocab.update({s: i + 2 for i, s in enumerate(symbols)})
-        vocab.update({s + "</w>": i + 2 + len(symbols) for i, s in enumerate(symbols)})
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-        text_config = CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-            projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=77,
-            hidden_act="gelu",
-        )
-        # the layout of diffusers' SDXL test UNet: cross-attention over both encoders (32 + 32), and
-        # the text_time embedding of 6 micro-conditioning values (6 x 8) plus the pooled 32
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-            cross_attention_dim=64, norm_num_groups=1,
-        )
-        vae = tiny_autoencoder_kl()
-        # SDXL's scheduler; Bria 2.3 requires force_zeros_for_empty_prompt=False (its model card)
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-        )
-        StableDiffusionXLPipeline(
-            vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
-            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=False,
-        ).save_pretrained(out_dir)
