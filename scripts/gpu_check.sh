@@ -6,6 +6,9 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]
 #   FULL_BENCH=1 bash scripts/gpu_check.sh      # then also the full-size FIBO benchmark (two runs, each meant to take < 5 min)
 #   FULL_BENCH=only bash scripts/gpu_check.sh   # only the full-size FIBO benchmark
+#   RENDER_BENCH=only bash scripts/gpu_check.sh # only a 4-prompt validation render at 1024^2 of the full-size
+#                                               # FIBO in bf16 beside its step (render_s, render_peak_gib)
+#   CAPTION_BENCH=only bash scripts/gpu_check.sh  # only 20 captions at 1024^2 with a Qwen3-VL-4B-shaped VLM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-check}
@@ -17,8 +20,25 @@ full_bench() {
   python3 scripts/bench.py --size full --recipe engine --low-memory 2> "$out/bench-low-memory.log" \
       | tee "$out/bench-low-memory.jsonl"
 }
+render_bench() {
+  python3 scripts/bench.py --size full --recipe engine --steps 3 --warmup 2 --render-prompts 4 --render-steps 30 \
+      2> "$out/bench-render.log" | tee "$out/bench-render.jsonl"
+}
+caption_bench() {
+  python3 scripts/bench_caption.py --size full --images 20 2> "$out/bench-caption.log" | tee "$out/bench-caption.jsonl"
+}
 if [ "${FULL_BENCH:-0}" = only ]; then
   full_bench
+  echo GPU_CHECK_OK
+  exit 0
+fi
+if [ "${RENDER_BENCH:-0}" = only ]; then
+  render_bench
+  echo GPU_CHECK_OK
+  exit 0
+fi
+if [ "${CAPTION_BENCH:-0}" = only ]; then
+  caption_bench
   echo GPU_CHECK_OK
   exit 0
 fi
