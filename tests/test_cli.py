@@ -153,7 +153,8 @@ def test_train_command_in_expert_mode_writes_checkpoints(capsys, tiny_fibo_base,
                                                "--total-training-steps", "100", "--checkpoint-interval", "100",
                                                "--set", "run.log_with=tensorboard"))
     assert code == 0
-    assert '"lr_warmup_steps": 100' in out and "checkpoint steps: [100]" in out
+    log = (tmp_path / "out" / "train.log").read_text()  # the startup summary, as the console showed it
+    assert '"lr_warmup_steps": 100' in log and "checkpoint steps: [100]" in log
     assert (tmp_path / "out" / "checkpoint-100" / "pytorch_lora_weights.safetensors").is_file()
     job = json.loads((tmp_path / "out" / "job.json").read_text())
     assert job["params"]["lr_scheduler"] == "constant_with_warmup"
