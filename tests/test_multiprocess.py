@@ -47,7 +47,11 @@ def test_two_processes_train_distinct_shards_and_write_one_checkpoint(tiny_fibo_
     # checkpoint_interval omitted: capped to the 3 steps, so one checkpoint, written by one process
     assert sorted(p.name for p in output.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     assert sorted(p.name for p in (output / "checkpoint-3").iterdir()) == [
-        "manifest.json", "pytorch_lora_weights.safetensors"]
+        "manifest.json", "pytorch_lora_weights.safetensors", "samples"]
+    # validation renders ran on the main process only (one log line per render), the other waited
+    assert log.count("rendered 4 validation sample(s) at step 3") == 1
+    assert log.count("rendered 4 validation sample(s) at step 0") == 1
+    assert sorted(p.name for p in (output / "samples").iterdir()) == ["step-0"]
     assert sorted(p.name for p in (output / "resume").iterdir()) == ["step-3"]
     assert not list(output.glob(".checkpoint-*"))
     # the feature cache holds each sample once; the main process encoded only its half of them
