@@ -1,5 +1,5 @@
-"""Bria's generation endpoints with a trained model (bria-api.md 1.4), rendered by the generation
-worker (generation.py), never in a handler:
+"""Bria's generation endpoints with a trained model, rendered by the generation worker
+(generation.py), never in a handler:
 
     POST /v2/image/generate/tailored                           FIBO models
     POST /v1/text-to-image/tailored/{model_id}[/{step}]        legacy models (max, light, 3.2, 2.3)

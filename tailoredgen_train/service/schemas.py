@@ -184,7 +184,8 @@ class TrainingProgressOut(BaseModel):
     total_steps: int | None
     last_loss: float | None = Field(description="the last finite training loss")
     step_seconds: float | None = Field(description="median seconds per step over the recent steps")
-    eta_seconds: float | None = Field(description="time left at the recent pace; null unless training")
+    eta_seconds: float | None = Field(description="time left at the recent pace: 0 once completed, null for a "
+                                                  "failed or stopped run")
     updated_at: str | None = Field(description="when the last step was recorded (UTC)")
 
 
@@ -247,7 +248,7 @@ class DownloadOut(BaseModel):
     expires: int
 
 
-# ---- generation (bria-api.md 1.4) -------------------------------------------------------------
+# ---- generation with a trained model (Bria's /v2 and /v1 endpoints) ------------------------------
 
 AspectRatio = Literal[ASPECT_RATIOS]  # subscripting with the tuple lists each value
 Seed = Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 or omitted: a random seed (returned in the answer)")]
