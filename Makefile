@@ -49,7 +49,8 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m tailoredgen_train make-tiny-base --family fibo runs/tiny-fibo-base
 	TAILOREDGEN_API_TOKENS=$${TAILOREDGEN_API_TOKENS:-dev-token-change-me} $(PY) -m tailoredgen_train serve \
-		--data-dir runs/service --base fibo=runs/tiny-fibo-base --engine-config fibo=configs/fibo-tiny.yaml
+		--data-dir runs/service --base fibo=runs/tiny-fibo-base --engine-config fibo=configs/fibo-tiny.yaml \
+		--generation-resolution fibo=128
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll-interval", type=float, default=2.0, help="seconds between job checks")
     serve.add_argument("--public-url", help="base of download links (default: the request's own)")
     serve.add_argument("--version-map", help="YAML mapping training_version -> family (default: packaged map)")
+    serve.add_argument("--generation-resolution", action="append", default=[], metavar="FAMILY=PX",
+                       help="image side the generation endpoints render for a family (default 1024; e.g. "
+                       "fibo=128 for a CPU demo) (repeatable)")
 
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
@@ -206,7 +209,7 @@ def _cmd_run_job(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .service.app import serve
-    from .service.settings import ServiceSettings, load_tokens, parse_assignments
+    from .service.settings import ServiceSettings, load_tokens, parse_assignments, parse_resolutions
 
     settings = ServiceSettings(
         data_dir=Path(args.data_dir), db_url=args.db, tokens=load_tokens(args.tokens_file),
@@ -215,7 +218,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         version_map=args.version_map, launcher=args.launcher, slurm_template=args.slurm_template,
         num_processes=args.num_processes, lost_jobs=args.lost_jobs, rate_limit_per_minute=args.rate_limit,
         max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
-        public_url=args.public_url,
+        public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
     )
     serve(settings, args.host, args.port)
     return 0

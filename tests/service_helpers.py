@@ -24,11 +24,13 @@ from tailoredgen_train.service.settings import ServiceSettings
 
 TOKEN = "test-token-0001"
 OTHER_TOKEN = "test-token-0002"
-# cheap training for the service tests: 64 px buckets, nothing logged
+GENERATION_RESOLUTION = 64  # what the generation endpoints render in these tests
+# cheap training for the service tests: 64 px buckets, nothing logged, two 2-step validation renders
 TEST_ENGINE_YAML = """\
 data: {resolution: 64, min_side: 64, batch_size: 1, num_workers: 0}
 lora: {init: gaussian}
 run: {seed: 0, log_with: none, log_every: 50}
+validation: {num_prompts: 2, num_inference_steps: 2}
 """
 
 
@@ -48,6 +50,7 @@ def settings_for(tmp: Path, base: Path, **overrides: Any) -> ServiceSettings:
     values = dict(data_dir=tmp / "data", tokens=[TOKEN, OTHER_TOKEN], bases={"fibo": str(base)},
                   engine_configs={"fibo": str(engine_yaml(tmp))}, poll_interval_s=0.2)
     values.update(overrides)
+    values.setdefault("generation_resolution", {family: GENERATION_RESOLUTION for family in values["bases"]})
     return ServiceSettings(**values)
 
 
@@ -63,8 +66,8 @@ class SleepingBackend(LocalBackend):
 class ThreadServer:
     """uvicorn serving `create_app(settings)` on 127.0.0.1 in a background thread."""
 
-    def __init__(self, settings: ServiceSettings, backend=None):
-        self.app = create_app(settings, backend)
+    def __init__(self, settings: ServiceSettings, backend=None, prompt_expander=None):
+        self.app = create_app(settings, backend, prompt_expander)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     access_log=False))
@@ -95,7 +98,7 @@ class CliServer:
         self.port = free_port()
         self.command = [sys.executable, "-m", "tailoredgen_train", "serve", "--port", str(self.port),
                         "--data-dir", str(data_dir), "--base", f"fibo={base}", "--engine-config", f"fibo={engine}",
-                        "--poll-interval", "0.2", *extra]
+                        "--poll-interval", "0.2", "--generation-resolution", f"fibo={GENERATION_RESOLUTION}", *extra]
         self.log = log or data_dir.parent / f"server-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
@@ -182,3 +185,16 @@ def wait_for_status(api: httpx.Client, model_id: int, statuses: set[str], timeou
         body = api.get(f"/models/{model_id}").json()
         return body if body["status"] in statuses else None
     return wait_until(settled, timeout, f"model {model_id} to reach {sorted(statuses)}", interval=0.3)
+
+
+def is_png(data: bytes) -> bool:
+    return data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def poll_generation(api: httpx.Client, status_url: str, timeout: float = 300) -> dict:
+    """GET the status_url until the request has ended, as Bria's clients do (status upper-cased)."""
+    def ended():
+        body = api.get(status_url)
+        assert body.status_code == 200, body.text
+        return body.json() if body.json()["status"].upper() in ("COMPLETED", "FAILED") else None
+    return wait_until(ended, timeout, f"generation {status_url} to end", interval=0.2)

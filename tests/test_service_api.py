@@ -62,6 +62,14 @@ ENDPOINTS = [
     ("POST", "/models"), ("GET", "/models"), ("GET", "/models/1"), ("PUT", "/models/1"), ("DELETE", "/models/1"),
     ("POST", "/models/1/start_training"), ("POST", "/models/1/stop_training"),
     ("GET", "/models/1/checkpoints"), ("GET", "/models/1/checkpoints/100"), ("GET", "/models/1/download"),
+    ("GET", "/models/1/logs"), ("GET", "/models/1/report"),
+]
+# Bria's generation paths are not under /tailored-gen: (method, path, its template)
+GENERATION_ENDPOINTS = [
+    ("POST", "/v2/image/generate/tailored", "/v2/image/generate/tailored"),
+    ("POST", "/v1/text-to-image/tailored/1", "/v1/text-to-image/tailored/{model_id}"),
+    ("POST", "/v1/text-to-image/tailored/1/100", "/v1/text-to-image/tailored/{model_id}/{checkpoint_step}"),
+    ("GET", "/v2/status/0123", "/v2/status/{request_id}"),
 ]
 
 
@@ -69,7 +77,8 @@ def test_the_endpoint_table_covers_every_authenticated_route(server):
     paths = server.app.openapi()["paths"]
     routes = {(method.upper(), path.removeprefix("/tailored-gen")) for path, item in paths.items()
               if "/files/" not in path for method in item}
-    assert routes == {(method, _template(path)) for method, path in ENDPOINTS}
+    assert routes == ({(method, _template(path)) for method, path in ENDPOINTS}
+                      | {(method, template) for method, _, template in GENERATION_ENDPOINTS})
 
 
 def _template(path: str) -> str:
@@ -80,9 +89,15 @@ def _template(path: str) -> str:
     return "/".join(names[parts[i - 1]] if part.isdigit() else part for i, part in enumerate(parts))
 
 
-@pytest.mark.parametrize("method,path", ENDPOINTS)
+def _every_endpoint(server) -> list[tuple[str, str]]:
+    """(method, URL) of every authenticated endpoint: relative to /tailored-gen, or absolute."""
+    return ENDPOINTS + [(method, f"{server.url}{path}") for method, path, _ in GENERATION_ENDPOINTS]
+
+
+@pytest.mark.parametrize("endpoint", range(len(ENDPOINTS) + len(GENERATION_ENDPOINTS)))
 @pytest.mark.parametrize("token", [None, "", "wrong-token-value", TOKEN + "x", TOKEN[:-1]])
-def test_every_endpoint_refuses_a_missing_or_wrong_token(server, method, path, token):
+def test_every_endpoint_refuses_a_missing_or_wrong_token(server, endpoint, token):
+    method, path = _every_endpoint(server)[endpoint]
     with client(server.url, token=None) as anonymous:
         headers = {} if token is None else {"api_token": token}
         response = anonymous.request(method, path, headers=headers)
@@ -92,7 +107,7 @@ def test_every_endpoint_refuses_a_missing_or_wrong_token(server, method, path, t
 
 def test_a_valid_token_passes_the_same_requests(api, server):
     # negative control for the table above: the same calls with a good token are not 401
-    for method, path in ENDPOINTS:
+    for method, path in _every_endpoint(server):
         assert api.request(method, path).status_code != 401, (method, path)
     with client(server.url, token=OTHER_TOKEN) as other:
         assert other.get("/models").status_code == 200
@@ -118,6 +133,8 @@ def test_tokens_never_reach_the_logs(server, caplog):
     ("POST", "/models/999999/stop_training", "Model not found"),
     ("DELETE", "/models/999999", "Model not found"),
     ("GET", "/models/999999/download", "Model not found"),
+    ("GET", "/models/999999/logs", "Model not found"),
+    ("GET", "/models/999999/report", "Model not found"),
 ])
 def test_unknown_ids_get_404(api, method, path, what):
     response = api.request(method, path)
@@ -462,6 +479,15 @@ def test_openapi_and_docs_are_served(server):
     assert not [p for p, item in spec["paths"].items() for op in item.values() if "422" in op["responses"]]
     model = spec["components"]["schemas"]["ModelOut"]["properties"]
     assert {"training_parameters", "checkpoint_steps", "active_model_version", "status"} <= set(model)
+    assert "training_progress" in model
+    progress = spec["components"]["schemas"]["TrainingProgressOut"]["properties"]
+    assert {"current_step", "total_steps", "last_loss", "step_seconds", "eta_seconds"} <= set(progress)
+    report = spec["paths"]["/tailored-gen/models/{model_id}/report"]["get"]["responses"]["200"]
+    assert list(report["content"]) == ["text/html"]
+    generate = spec["paths"]["/v2/image/generate/tailored"]["post"]
+    assert {"200", "202", "400", "401", "404", "429", "500"} <= set(generate["responses"])
+    fields = spec["components"]["schemas"]["GenerateTailoredRequest"]["properties"]
+    assert fields["steps_num"]["minimum"] == 20 and fields["steps_num"]["maximum"] == 50
 
 
 # ---- 429 ---------------------------------------------------------------------------------------

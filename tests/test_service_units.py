@@ -11,7 +11,7 @@ from tailoredgen_train import cli
 from tailoredgen_train.errors import ConfigError, RateLimitedError, UnauthorizedError
 from tailoredgen_train.outcome import clear_outcome, read_outcome, write_outcome
 from tailoredgen_train.service.auth import RateLimiter, TokenAuth, UrlSigner, token_id
-from tailoredgen_train.service.settings import ServiceSettings, load_tokens, parse_assignments
+from tailoredgen_train.service.settings import ServiceSettings, load_tokens, parse_assignments, parse_resolutions
 
 
 class Clock:
@@ -77,6 +77,9 @@ def _settings(tmp_path, **overrides):
     ({"max_concurrent_trainings": 0}, "max_concurrent_trainings"),
     ({"poll_interval_s": 0}, "poll_interval_s"),
     ({"engine_configs": {"bria-3.2": "x.yaml"}}, "no --base"),
+    ({"generation_resolution": {"bria-3.2": 128}}, "--generation-resolution given for bria-3.2 but no --base"),
+    ({"generation_resolution": {"fibo": 32}}, "--generation-resolution fibo=32: use an integer in 64..4096"),
+    ({"generation_queue_size": 0}, "generation_queue_size"),
 ])
 def test_settings_name_what_is_wrong(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("-", r"\-").replace(".", r"\.")):
@@ -108,6 +111,12 @@ def test_family_assignments_must_look_like_family_equals_value(item):
     with pytest.raises(ConfigError, match="--base"):
         parse_assignments([item], "--base")
     assert parse_assignments(["fibo=a=b"], "--base") == {"fibo": "a=b"}
+
+
+def test_generation_resolutions_are_integers_per_family():
+    assert parse_resolutions(["fibo=128", "bria-3.2=1024"]) == {"fibo": 128, "bria-3.2": 1024}
+    with pytest.raises(ConfigError, match="--generation-resolution fibo=big: the value must be an integer"):
+        parse_resolutions(["fibo=big"])
 
 
 def test_serve_refuses_to_start_without_tokens(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,10 @@
     auth.py       api_token, request rates, pre-signed download links
     launchers.py  where a job runs: a local process or Slurm
     runner.py     claim, launch, watch, settle and reconcile jobs
+    generation.py the generation worker: a queue, warm pipelines, requests as rows
+    core.py       Service: what every handler shares
+    deps.py       what the routes share (service lookup, auth dependency, errors, signed links);
+                  routes import it, never app.py
     app.py        the FastAPI app: errors, middleware, wiring
-    routes_*.py   the endpoints
+    routes_*.py   the endpoints (routes_generation.py: Bria's /v2 and /v1 generation paths)
 """

@@ -1,101 +1,33 @@
 """The HTTP service: `create_app(settings)` builds the FastAPI app; `serve()` runs it under uvicorn.
 
-Every /tailored-gen endpoint needs the api_token header and counts against the token's request
-rate. Errors leave as Bria documents them: 400 `{"errors": [...]}` for bad fields, `{"message": ...}`
-otherwise, and a 500 that carries only a request id (the log line with that id has the details).
+Every endpoint (/tailored-gen, and the generation endpoints under /v2 and /v1) except the pre-signed
+files needs the api_token header and counts against the token's request rate. Errors leave as Bria
+documents them: 400 `{"errors": [...]}` for bad fields, `{"message": ...}` otherwise, and a 500 that
+carries only a request id (the log line with that id has the details).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import EngineConfig, load_engine_config
-from ..contract import canonical_version
-from ..errors import InvalidParameterError, RateLimitedError, TailoredGenError, UnknownTrainingVersionError
-from ..families import check_config_family, family_class, load_version_map
-from .auth import RateLimiter, TokenAuth, UrlSigner
-from .db import Database
-from .launchers import Backend, LocalBackend, SlurmBackend
-from .runner import JobRunner
+from ..errors import InvalidParameterError, RateLimitedError, TailoredGenError
+from .core import Service
+from .deps import AsciiJSONResponse, caller
+from .generation import PromptExpander
+from .launchers import Backend
 from .schemas import field_errors
 from .settings import ServiceSettings
 
 log = logging.getLogger("tailoredgen_train.service")
-
-
-class AsciiJSONResponse(JSONResponse):
-    """Escapes non-ASCII, so that no text a client sent (a lone surrogate included) can break a response."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
-
-
-class Service:
-    """What every request handler shares: settings, database, job runner, auth, limits."""
-
-    def __init__(self, settings: ServiceSettings, backend: Backend | None = None):
-        self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.version_map = load_version_map(settings.version_map)
-        for family in settings.bases:
-            family_class(family)  # an unknown family name fails at start-up, not at the first training
-        self.engine_configs = {f: load_engine_config(p) for f, p in settings.engine_configs.items()}
-        for family, config in self.engine_configs.items():
-            check_config_family(config, family, source=f"--engine-config {family}={settings.engine_configs[family]}",
-                                wanted_by=f"it is given for family {family}")
-        self.db = Database(settings.database_url)
-        if backend is None:
-            backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
-                       else SlurmBackend(settings.slurm_template, settings.num_processes))
-        self.runner = JobRunner(self.db, backend, settings)
-        self.auth = TokenAuth(settings.tokens)
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
-        self.signer = UrlSigner(settings.resolved_url_secret())
-
-    def family_of(self, training_version: str, field_name: str = "training_version") -> str:
-        """The model family that trains this version here; a 400 naming the field when none does."""
-        try:
-            family = self.version_map[canonical_version(training_version)]
-        except (KeyError, UnknownTrainingVersionError):
-            family = None
-        if family not in self.settings.bases:
-            served = sorted(v for v, f in self.version_map.items() if f in self.settings.bases)
-            raise InvalidParameterError.single(
-                field_name, training_version,
-                f"this deployment does not train {training_version!r}; it serves {', '.join(served) or 'nothing'} "
-                "(the operator adds a family with `serve --base FAMILY=PATH`)")
-        return family
-
-    def engine_config(self, family: str) -> EngineConfig:
-        return self.engine_configs.get(family) or EngineConfig()
-
-    def dataset_dir(self, dataset_id: int) -> Path:
-        return self.settings.data_dir / "datasets" / f"dataset-{dataset_id}"
-
-
-def service_of(request: Request) -> Service:
-    return request.app.state.service
-
-
-def caller(request: Request, api_token: str | None = Header(default=None, alias="api_token",
-                                                             convert_underscores=False)) -> str:
-    """Authenticates the api_token header and applies the token's request rate; the token's id."""
-    service = service_of(request)
-    who = service.auth.check(api_token)
-    request.state.caller = who
-    service.limiter.check(who)
-    return who
 
 
 def error_response(request: Request, exc: TailoredGenError) -> JSONResponse:
@@ -110,24 +42,32 @@ def error_response(request: Request, exc: TailoredGenError) -> JSONResponse:
     return AsciiJSONResponse(body, status_code=exc.http_status, headers=headers)
 
 
-def create_app(settings: ServiceSettings, backend: Backend | None = None) -> FastAPI:
-    service = Service(settings, backend)
+def create_app(settings: ServiceSettings, backend: Backend | None = None,
+               prompt_expander: PromptExpander | None = None) -> FastAPI:
+    """`prompt_expander`: the captioning model that turns a plain-text FIBO prompt into a structured
+    one; without it, FIBO generation requests must send `structured_prompt`."""
+    service = Service(settings, backend, prompt_expander)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.runner.poll(startup=True)  # reconcile jobs an earlier server left before taking requests
+        # reconcile what an earlier server left (jobs, unfinished generations) before taking requests
+        service.runner.poll(startup=True)
+        service.generations.fail_unfinished()
         service.runner.start_watching()
+        service.generations.start()
         try:
             yield
         finally:
+            service.generations.stop()
             service.runner.stop_watching()
             service.db.dispose()
 
     app = FastAPI(title="tailoredgen-train", version="0.1.0", lifespan=lifespan,
                   default_response_class=AsciiJSONResponse,
-                  description="The Tailored Generation training lifecycle: projects, datasets, models, "
-                              "start/stop training, checkpoints and download. Send your token in the "
-                              "`api_token` header.")
+                  description="The Tailored Generation lifecycle: projects, datasets, models, start/stop "
+                              "training, progress, logs, checkpoints with their sample images, the run report, "
+                              "download, and generation with a trained model (FIBO: /v2, legacy: /v1). Send "
+                              "your token in the `api_token` header.")
     app.state.service = service
     _document_bria_errors_only(app)
 
@@ -165,11 +105,13 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
 
     from .routes_datasets import router as datasets_router
     from .routes_files import router as files_router
+    from .routes_generation import router as generation_router
     from .routes_models import router as models_router
 
     authenticated = [Depends(caller)]
     app.include_router(datasets_router, prefix="/tailored-gen", dependencies=authenticated)
     app.include_router(models_router, prefix="/tailored-gen", dependencies=authenticated)
+    app.include_router(generation_router, dependencies=authenticated)  # Bria's /v2 and /v1 paths
     app.include_router(files_router, prefix="/tailored-gen")  # pre-signed: the signature is the credential
     return app
 

@@ -122,6 +122,40 @@ class Checkpoint(Base):
     created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
 
 
+class GenerationRequest(Base):
+    """One call to a generation endpoint: queued, rendered by the generation worker, answered. A row
+    outlives the API process, so a client can poll its status after a restart."""
+
+    __tablename__ = "generation_requests"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """the request_id clients poll (GET /v2/status/{request_id})"""
+    api: Mapped[str] = mapped_column(String(8))
+    """"v2" (FIBO) or "v1" (legacy): the shape of the answer"""
+    owner: Mapped[str] = mapped_column(String(32), index=True)
+    """a hash of the caller's token: only that token sees the request"""
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    checkpoint_step: Mapped[int] = mapped_column(Integer)
+    family: Mapped[str] = mapped_column(String(16))
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """the prompt as the pipeline receives it; None until the prompt expander has written it"""
+    plain_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """a FIBO request's plain-text prompt, for the prompt expander"""
+    structured_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """a FIBO request's structured prompt as sent, refined by plain_prompt when both are given"""
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """GenerationSettings fields"""
+    status: Mapped[str] = mapped_column(String(16), default="IN_PROGRESS", index=True)
+    images: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """PNG file names in the request's folder, in order"""
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    host: Mapped[str] = mapped_column(Text)
+    """the machine whose worker renders it: a restarted server fails only its own host's requests"""
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    started_at: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    finished_at: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
 class Database:
     def __init__(self, url: str):
         self.url = url

@@ -20,7 +20,7 @@ from ..data.images import ImageProblem, load_rgb
 from ..data.metadata import JSONL_NAME
 from ..data.preflight import validate_dataset
 from ..errors import InvalidParameterError, NotFoundError, TailoredGenError
-from .app import service_of
+from .deps import ConflictError, service_of
 from .db import Dataset, Image, Project, utcnow
 from .schemas import (ERROR_RESPONSES, ILLUSTRATION_ONLY, MAX_ID, CaptionUpdate, DatasetCreate, DatasetOut,
                       DatasetUpdate, ImageOut, ProjectCreate, ProjectOut)
@@ -35,11 +35,6 @@ MAX_IMAGES = 200  # Bria's limit for a basic dataset
 MAX_UPLOAD_BYTES = 64 * 2**20
 MIN_IMAGES_TO_COMPLETE = {"fibo": 5, "legacy": 1}  # Bria: FIBO needs 5 images, legacy 1
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
-
-
-class ConflictError(TailoredGenError):
-    code = "conflict"
-    http_status = 409
 
 
 class ResolutionTooLowError(TailoredGenError):

@@ -1,8 +1,11 @@
-"""The file behind a download link. No api_token here: the link is pre-signed, and its signature
-and expiry are the credential (a link without a valid signature gets 401)."""
+"""The files behind pre-signed links: a checkpoint's LoRA, its sample images, generated images.
+No api_token here: the link is pre-signed, and its signature and expiry are the credential (a link
+without a valid signature gets 401). A route serves only the files of its own folder: names are
+matched against a pattern and the resolved path must stay inside that folder."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -11,17 +14,34 @@ from fastapi.responses import FileResponse
 
 from ..engine.checkpoint import LORA_FILE
 from ..errors import NotFoundError
-from .app import service_of
+from ..inference.validation import SAMPLES_DIR
+from .deps import service_of
 from .schemas import ERROR_RESPONSES, MAX_ID
+from .views import SAMPLE_FILE
 
 router = APIRouter(tags=["downloads"], responses={k: v for k, v in ERROR_RESPONSES.items() if k in (400, 401, 404)})
+ModelId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+Step = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+Expires = Annotated[int, Query(ge=0, le=MAX_ID)]
+Signature = Annotated[str, Query(max_length=128)]
+PNG = {200: {"content": {"image/png": {}}, "description": "the PNG"}}
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """folder/name when it is a file that resolves inside folder (no symlink out of it)."""
+    path = folder / name
+    try:
+        inside = path.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
+    except OSError:
+        inside = False
+    if not inside or not path.is_file():
+        raise NotFoundError(f"the file {name} no longer exists")
+    return path
 
 
 @router.get("/files/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors",
             response_class=FileResponse)
-def download_file(request: Request, model_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
-                  step: Annotated[int, PathParam(ge=1, le=MAX_ID)],
-                  expires: Annotated[int, Query(ge=0, le=MAX_ID)], signature: Annotated[str, Query(max_length=128)]):
+def download_file(request: Request, model_id: ModelId, step: Step, expires: Expires, signature: Signature):
     service = service_of(request)
     service.signer.verify(request.url.path, expires, signature)
     path = service.runner.run_dir(model_id) / f"checkpoint-{step}" / LORA_FILE
@@ -29,3 +49,25 @@ def download_file(request: Request, model_id: Annotated[int, PathParam(ge=1, le=
         raise NotFoundError(f"the checkpoint file for model {model_id} step {step} no longer exists")
     return FileResponse(path, media_type="application/octet-stream",
                         filename=f"tailoredgen-model-{model_id}-step-{step}.safetensors")
+
+
+@router.get("/files/models/{model_id}/checkpoints/{step}/samples/{file_name}", response_class=FileResponse,
+            responses=PNG)
+def sample_file(request: Request, model_id: ModelId, step: Step,
+                file_name: Annotated[str, PathParam(pattern=f"^{SAMPLE_FILE.pattern}$")],
+                expires: Expires, signature: Signature):
+    """A validation image of a checkpoint (the links of GET /models/{id}/checkpoints/{step})."""
+    service = service_of(request)
+    service.signer.verify(request.url.path, expires, signature)
+    folder = service.runner.run_dir(model_id) / f"checkpoint-{step}" / SAMPLES_DIR
+    return FileResponse(_inside(folder, file_name), media_type="image/png")
+
+
+@router.get("/files/generations/{request_id}/{file_name}", response_class=FileResponse, responses=PNG)
+def generated_file(request: Request, request_id: Annotated[str, PathParam(pattern="^[0-9a-f]{32}$")],
+                   file_name: Annotated[str, PathParam(pattern=r"^[0-9]{2,3}\.png$")],
+                   expires: Expires, signature: Signature):
+    """An image a generation request rendered."""
+    service = service_of(request)
+    service.signer.verify(request.url.path, expires, signature)
+    return FileResponse(_inside(service.generations.folder(request_id), file_name), media_type="image/png")

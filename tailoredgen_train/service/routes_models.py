@@ -1,4 +1,5 @@
-"""Models, start/stop training, checkpoints and download links."""
+"""Models, start/stop training, progress, logs, the run report, checkpoints (with their sample
+images) and download links."""
 
 from __future__ import annotations
 
@@ -8,39 +9,31 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ..contract import (DatasetRecord, ModelRecord, canonical_version, check_can_start, generation_prefix,
                         is_fibo)
-from ..errors import FieldError, InvalidParameterError, NotFoundError, TailoredGenError
+from ..engine.run_log import LOG_FILE
+from ..errors import FieldError, InvalidParameterError, NotFoundError
 from ..recipe import JobSpec
+from ..report.html import REPORT_FILE
+from ..report.metrics import tail_lines
 from ..start import start_training
-from .app import Service, service_of
+from .core import Service
+from .deps import FILES_PREFIX, BadRequestError, ConflictError, model_or_404, service_of, signed_url
 from .db import Checkpoint, Dataset, Model, utcnow
-from .routes_datasets import ConflictError
 from .runner import ACTIVE
-from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointListOut, CheckpointOut, DownloadOut, ModelCreate, ModelOut,
-                      ModelUpdate, StartTrainingRequest)
-from .views import base_model_view, checkpoint_view, model_view
+from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointDetailOut, CheckpointListOut, DownloadOut, LogOut,
+                      ModelCreate, ModelOut, ModelUpdate, StartTrainingRequest)
+from .views import base_model_view, checkpoint_samples, checkpoint_steps, checkpoint_view, model_view, progress_view
 
 router = APIRouter(tags=["models and training"], responses=ERROR_RESPONSES)
 ModelId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
 Step = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[100])]
-
-
-class BadRequestError(TailoredGenError):
-    """A 400 whose body is {"message": ...} (Bria uses it for requests that are wrong as a whole)."""
-
-    code = "bad_request"
-    http_status = 400
-
-
-def _model(session: Session, model_id: int) -> Model:
-    model = session.get(Model, model_id)
-    if model is None or model.status == "Deleted":
-        raise NotFoundError(f"Model not found: there is no model {model_id}")
-    return model
+MAX_LOG_LINES = 2000
+_LOG_BYTES_PER_LINE = 1024  # what a tail read allows per requested line (long lines are cut at the start)
 
 
 @router.post("/models", status_code=201, response_model=ModelOut, response_model_exclude_unset=True)
@@ -73,25 +66,46 @@ def list_models(request: Request, include_training_parameters: bool = False) -> 
 
 @router.get("/models/{model_id}", response_model=ModelOut, response_model_exclude_unset=True)
 def get_model(model_id: ModelId, request: Request) -> dict:
-    with service_of(request).db.transaction() as session:
-        return model_view(session, _model(session, model_id))
+    """The Model, plus `training_progress` (step, loss, pace, ETA) once its training has recorded a step."""
+    service = service_of(request)
+    with service.db.transaction() as session:
+        model = model_or_404(session, model_id)
+        body = model_view(session, model)
+    progress = progress_view(service.runner.run_dir(model_id), model.status)
+    if progress is not None:
+        body["training_progress"] = progress
+    return body
 
 
 @router.put("/models/{model_id}", response_model=ModelOut, response_model_exclude_unset=True)
 def update_model(model_id: ModelId, body: ModelUpdate, request: Request) -> dict:
+    """Rename or describe a model; `active_model_version` (extension) picks the checkpoint that
+    generation uses when a request names none."""
     with service_of(request).db.transaction() as session:
-        model = _model(session, model_id)
+        model = model_or_404(session, model_id)
+        if body.active_model_version is not None:
+            _check_selectable(session, model, body.active_model_version)
         for name, value in body.model_dump(exclude_none=True).items():
             setattr(model, name, value)
         model.updated_at = utcnow()
         return model_view(session, model)
 
 
+def _check_selectable(session: Session, model: Model, step: str) -> None:
+    if model.status != "Completed" or model.training_mode != "expert":
+        raise BadRequestError(f"active_model_version can only be set on a Completed expert model; model {model.id} "
+                              f"is {model.status} ({model.training_mode}).")
+    published = checkpoint_steps(session, model)
+    if step not in published:
+        raise InvalidParameterError.single("active_model_version", step, f"model {model.id} has no checkpoint at "
+                                           f"step {step}; its checkpoints: {', '.join(published) or 'none'}")
+
+
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(model_id: ModelId, request: Request) -> Response:
     """Marks the model Deleted; its run folder (checkpoints, logs) stays on disk for the operator."""
     with service_of(request).db.transaction() as session:
-        _model(session, model_id)
+        model_or_404(session, model_id)
         deleted = session.execute(update(Model).where(Model.id == model_id, Model.status.not_in(ACTIVE))
                                   .values(status="Deleted", updated_at=utcnow())).rowcount
         if deleted != 1:
@@ -140,7 +154,7 @@ async def start_model_training(model_id: ModelId, request: Request) -> dict:
 
 def _start(service: Service, model_id: int, raw: bytes, owner: str) -> dict:
     with service.db.transaction() as session:
-        model = _model(session, model_id)
+        model = model_or_404(session, model_id)
         dataset = session.get(Dataset, model.dataset_id)
         model_record = ModelRecord(
             id=model.id, name=model.name, dataset_id=model.dataset_id, project_id=model.project_id,
@@ -166,18 +180,18 @@ def stop_model_training(model_id: ModelId, request: Request) -> dict:
     """InProgress -> Stopping; the model becomes Stopped when its job has exited. It cannot be resumed."""
     service = service_of(request)
     with service.db.transaction() as session:
-        _model(session, model_id)
+        model_or_404(session, model_id)
     if not service.runner.request_stop(model_id):
         raise ConflictError(f"Training already stopped/not in training: model {model_id} is not InProgress.")
     with service.db.transaction() as session:
-        return model_view(session, _model(session, model_id))
+        return model_view(session, model_or_404(session, model_id))
 
 
 # ---- checkpoints and download ------------------------------------------------------------------
 
 
 def _expert_model(session: Session, model_id: int) -> Model:
-    model = _model(session, model_id)
+    model = model_or_404(session, model_id)
     if model.training_mode != "expert":
         raise BadRequestError(f"Checkpoints are only available for models trained in expert mode; model {model_id} "
                               "is fully_automated.")
@@ -200,11 +214,20 @@ def _checkpoint(session: Session, model_id: int, step: int) -> Checkpoint:
     return checkpoint
 
 
-@router.get("/models/{model_id}/checkpoints/{checkpoint_step}", response_model=CheckpointOut)
+@router.get("/models/{model_id}/checkpoints/{checkpoint_step}", response_model=CheckpointDetailOut)
 def get_checkpoint(model_id: ModelId, checkpoint_step: Step, request: Request) -> dict:
-    with service_of(request).db.transaction() as session:
+    """The checkpoint, with pre-signed links to the validation images rendered when it was saved."""
+    service = service_of(request)
+    with service.db.transaction() as session:
         _expert_model(session, model_id)
-        return checkpoint_view(_checkpoint(session, model_id, checkpoint_step))
+        body = checkpoint_view(_checkpoint(session, model_id, checkpoint_step))
+    folder = service.runner.run_dir(model_id) / f"checkpoint-{checkpoint_step}"
+    prefix = f"{FILES_PREFIX}/models/{model_id}/checkpoints/{checkpoint_step}/samples"
+    body["samples"] = [{"image_url": signed_url(service, request, f"{prefix}/{s['file']}")[0], "prompt": s["prompt"],
+                        "seed": s["seed"]} for s in checkpoint_samples(folder)]
+    grid = folder / "samples" / "grid.png"
+    body["samples_grid_url"] = signed_url(service, request, f"{prefix}/grid.png")[0] if grid.is_file() else None
+    return body
 
 
 @router.get("/models/{model_id}/download", response_model=DownloadOut)
@@ -217,16 +240,51 @@ def download_model(model_id: ModelId, request: Request,
             model = _expert_model(session, model_id)
             step = _checkpoint(session, model_id, checkpoint_step).step
         else:
-            model = _model(session, model_id)
+            model = model_or_404(session, model_id)
             if model.status != "Completed":
                 raise BadRequestError(f"The model status is not completed (it is {model.status}): download a "
                                       "published checkpoint with ?checkpoint_step=N, or wait for the training to end.")
             step = int(model.training_parameters["total_training_steps"])
             _checkpoint(session, model_id, step)
         family = service.version_map.get(canonical_version(model.training_version), "")
-    path = f"/tailored-gen/files/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors"
-    expires, signature = service.signer.sign(path, service.settings.download_url_ttl_s)
-    base_url = (service.settings.public_url or str(request.base_url)).rstrip("/")
-    return {"download_url": f"{base_url}{path}?expires={expires}&signature={signature}", **base_model_view(family),
-            "checkpoint_step": step, "expires": expires}
+    url, expires = signed_url(service, request,
+                              f"{FILES_PREFIX}/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors")
+    return {"download_url": url, **base_model_view(family), "checkpoint_step": step, "expires": expires}
+
+
+# ---- what the run leaves for people: its log and its report --------------------------------------
+
+
+@router.get("/models/{model_id}/logs", response_model=LogOut)
+def get_logs(model_id: ModelId, request: Request,
+             lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, description="how many of the last lines")] = 200
+             ) -> dict:
+    """The end of the training job's train.log (all its attempts, a resumed job appends)."""
+    service = service_of(request)
+    with service.db.transaction() as session:
+        model_or_404(session, model_id)
+    try:
+        tail = tail_lines(service.runner.run_dir(model_id) / LOG_FILE, lines * _LOG_BYTES_PER_LINE)
+    except FileNotFoundError:
+        tail = []
+    return {"model_id": model_id, "lines": tail[-lines:]}
+
+
+# response_class=Response: only 200 is HTML (documented below); the errors stay JSON in the description
+@router.get("/models/{model_id}/report", response_class=Response, responses={200: {
+    "description": "the run's report.html: status, loss curve, sample grids, settings",
+    "content": {"text/html": {"schema": {"type": "string"}}}}})
+def get_report(model_id: ModelId, request: Request) -> FileResponse:
+    """The run's self-contained report page, rebuilt at each checkpoint and at the end of training."""
+    service = service_of(request)
+    with service.db.transaction() as session:
+        model_or_404(session, model_id)
+    path = service.runner.run_dir(model_id) / REPORT_FILE
+    if not path.is_file():
+        raise NotFoundError(f"Report not found: model {model_id} has no report yet; the training writes it at its "
+                            "first checkpoint")
+    # the page is static (inline CSS, data: images): forbid scripts and every other source
+    return FileResponse(path, media_type="text/html; charset=utf-8", headers={
+        "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+        "X-Content-Type-Options": "nosniff"})
 

@@ -6,7 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ..contract import ASPECT_RATIOS
 from ..errors import FieldError
+from ..inference.generate import MAX_SEED
 
 MAX_ID = 2**63 - 1  # what a database integer column holds
 VERSIONS = Literal["fibo", "max", "light", "3.2", "2.3", "bria-3.2", "bria-2.3"]
@@ -78,6 +80,9 @@ class ModelCreate(Strict):
 class ModelUpdate(Strict):
     name: Name | None = None
     description: LongText | None = None
+    active_model_version: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,9}$")] | None = Field(
+        default=None, description="extension: the checkpoint step generation uses when none is named (a completed "
+                                  "expert model's published checkpoint; the final one by default)")
 
 
 class StartTrainingRequest(Strict):
@@ -172,6 +177,18 @@ class FailureOut(BaseModel):
     message: str | None
 
 
+class TrainingProgressOut(BaseModel):
+    """Where the training stands, from its metrics file (extension; not in Bria's Model)."""
+
+    current_step: int = Field(description="the last optimizer step done")
+    total_steps: int | None
+    last_loss: float | None = Field(description="the last finite training loss")
+    step_seconds: float | None = Field(description="median seconds per step over the recent steps")
+    eta_seconds: float | None = Field(description="time left at the recent pace: 0 once completed, null for a "
+                                                  "failed or stopped run")
+    updated_at: str | None = Field(description="when the last step was recorded (UTC)")
+
+
 class ModelOut(BaseModel):
     id: int
     name: str
@@ -190,12 +207,32 @@ class ModelOut(BaseModel):
         default=None, description="omitted by GET /models unless include_training_parameters=true")
     checkpoint_steps: list[str] | None = Field(default=None, description="newest first; expert models only")
     error: FailureOut | None = Field(default=None, description="Failed models: the engine's error code and message")
+    training_progress: TrainingProgressOut | None = Field(
+        default=None, description="GET /models/{id} only, once training has recorded a step")
+
+
+class LogOut(BaseModel):
+    model_id: int
+    lines: list[str] = Field(description="the last lines of the job's train.log, oldest first (empty before the "
+                                         "job starts)")
 
 
 class CheckpointOut(BaseModel):
     checkpoint_step: int
     training_job_id: int
     created_at: str
+
+
+class SampleOut(BaseModel):
+    image_url: str = Field(description="pre-signed, like download_url")
+    prompt: str | None = Field(description="the prompt as the pipeline received it")
+    seed: int | None
+
+
+class CheckpointDetailOut(CheckpointOut):
+    samples: list[SampleOut] = Field(description="the validation images rendered at this checkpoint (empty when "
+                                                 "validation renders are off)")
+    samples_grid_url: str | None = Field(description="all samples in one captioned image")
 
 
 class CheckpointListOut(BaseModel):
@@ -209,6 +246,86 @@ class DownloadOut(BaseModel):
     base_model_card: str | None
     checkpoint_step: int
     expires: int
+
+
+# ---- generation with a trained model (Bria's /v2 and /v1 endpoints) ------------------------------
+
+AspectRatio = Literal[ASPECT_RATIOS]  # subscripting with the tuple lists each value
+Seed = Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 or omitted: a random seed (returned in the answer)")]
+Influence = Annotated[float, Field(ge=0, le=1.5)]
+StepsNum = Annotated[int, Field(ge=20, le=50)]
+
+
+class GenerateTailoredRequest(Strict):
+    """POST /v2/image/generate/tailored: a FIBO model."""
+
+    tailored_model_id: Annotated[str, Field(max_length=32)] | Id = Field(description="the model's id")
+    tailored_model_influence: Influence = 1.0
+    structured_prompt: Annotated[str, Field(max_length=100_000), AfterValidator(_storable)] | None = Field(
+        default=None, description="a structured JSON prompt, as a string")
+    prompt: LongText | None = Field(default=None, description="plain text: needs a captioning model on the server "
+                                                               "to expand it into a structured prompt")
+    negative_prompt: LongText | None = None
+    guidance_scale: Annotated[int, Field(ge=3, le=5)] = 5
+    aspect_ratio: AspectRatio = "1:1"
+    steps_num: StepsNum = 50
+    seed: Seed | None = None
+    sync: bool = False
+    prompt_content_moderation: bool = Field(default=True, description="accepted; this server moderates nothing")
+    visual_output_content_moderation: bool = Field(default=True, description="accepted; this server moderates "
+                                                                             "nothing")
+
+
+class TextToImageTailoredRequest(Strict):
+    """POST /v1/text-to-image/tailored/{model_id}[/{checkpoint_step}]: a legacy model."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=10_000), AfterValidator(_storable)]
+    num_results: Annotated[int, Field(ge=1, le=4)] = 4
+    aspect_ratio: AspectRatio = "1:1"
+    seed: Seed | None = None
+    model_influence: Influence = 1.0
+    steps_num: StepsNum | None = Field(default=None, description="the family's default when omitted (Bria 3.2: 30, "
+                                                                  "Bria 2.3: 50)")
+    negative_prompt: LongText | None = None
+    include_generation_prefix: bool = Field(default=True, description="prepend the model's generation_prefix")
+    sync: bool = False
+    fast: bool | None = Field(default=None, description="accepted; every render here takes steps_num steps")
+    content_moderation: bool | None = Field(default=None, description="accepted; this server moderates nothing")
+
+
+class GenerateTailoredOut(BaseModel):
+    image_url: str = Field(description="pre-signed PNG")
+    structured_prompt: str = Field(description="the structured prompt the image was rendered from")
+    seed: int
+    request_id: str
+
+
+class UrlsOut(BaseModel):
+    urls: list[str] = Field(description="pre-signed PNG")
+    seed: int
+
+
+class TextToImageTailoredOut(BaseModel):
+    result: list[UrlsOut] = Field(description="one item per image")
+
+
+class AcceptedOut(BaseModel):
+    request_id: str
+    status_url: str = Field(description="poll with GET and the api_token header")
+
+
+class StatusResultOut(BaseModel):
+    image_url: str = Field(description="pre-signed PNG (the first when there are several)")
+    seed: int
+    structured_prompt: str | None = Field(default=None, description="/v2 requests")
+    urls: list[str] | None = Field(default=None, description="/v1 requests: every image")
+
+
+class StatusOut(BaseModel):
+    request_id: str
+    status: Literal["IN_PROGRESS", "COMPLETED", "FAILED"]
+    result: StatusResultOut | None = Field(description="when COMPLETED")
+    error: FailureOut | None = Field(description="when FAILED: why")
 
 
 class FieldErrorOut(BaseModel):

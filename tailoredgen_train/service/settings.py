@@ -44,6 +44,11 @@ class ServiceSettings:
     url_secret: str | None = None
     public_url: str | None = None
     """the base of download URLs; the request's own base URL when None."""
+    generation_resolution: dict[str, int] = field(default_factory=dict)
+    """model family -> side of the square area the generation endpoints render (the family's native
+    1024 when absent); tests and CPU-only demos set 64-128."""
+    generation_queue_size: int = 64
+    """generation requests waiting for the worker; beyond this a new request gets 429."""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -62,14 +67,24 @@ class ServiceSettings:
                                  ("max_resume_attempts", self.max_resume_attempts, 0),
                                  ("rate_limit_per_minute", self.rate_limit_per_minute, 1),
                                  ("max_concurrent_trainings", self.max_concurrent_trainings, 1),
-                                 ("download_url_ttl_s", self.download_url_ttl_s, 1)):
+                                 ("download_url_ttl_s", self.download_url_ttl_s, 1),
+                                 ("generation_queue_size", self.generation_queue_size, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.poll_interval_s <= 0 or self.stop_grace_s <= 0:
             raise ConfigError("poll_interval_s and stop_grace_s must be positive")
-        unknown = sorted(set(self.engine_configs) - set(self.bases))
-        if unknown:
-            raise ConfigError(f"--engine-config given for {', '.join(unknown)} but no --base for it")
+        for flag, given in (("--engine-config", self.engine_configs), ("--generation-resolution",
+                                                                        self.generation_resolution)):
+            unknown = sorted(set(given) - set(self.bases))
+            if unknown:
+                raise ConfigError(f"{flag} given for {', '.join(unknown)} but no --base for it")
+        from ..inference.generate import RESOLUTION_RANGE  # here: the CLI imports this module, torch stays lazy
+
+        low, high = RESOLUTION_RANGE
+        for family, side in self.generation_resolution.items():
+            if isinstance(side, bool) or not isinstance(side, int) or not low <= side <= high:
+                raise ConfigError(f"--generation-resolution {family}={side}: use an integer in {low}..{high} "
+                                  "(1024 is the models' native size)")
 
     @property
     def database_url(self) -> str:
@@ -112,4 +127,16 @@ def parse_assignments(values: list[str], flag: str) -> dict[str, str]:
         if not sep or not name.strip() or not value.strip():
             raise ConfigError(f"{flag} {item!r} must look like FAMILY=VALUE, e.g. {flag} fibo=runs/tiny-fibo-base")
         result[name.strip()] = value.strip()
+    return result
+
+
+def parse_resolutions(values: list[str]) -> dict[str, int]:
+    """["fibo=128"] -> {"fibo": 128}; names the flag when a value is not an integer."""
+    result = {}
+    for family, value in parse_assignments(values, "--generation-resolution").items():
+        try:
+            result[family] = int(value)
+        except ValueError:
+            raise ConfigError(f"--generation-resolution {family}={value}: the value must be an integer number of "
+                              "pixels, e.g. --generation-resolution fibo=1024") from None
     return result

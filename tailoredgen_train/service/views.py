@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..families import FAMILIES, family_class
+from ..inference.validation import SAMPLES_DIR
+from ..report import read_progress
 from .db import Checkpoint, Dataset, Image, Model, Project
+
+SAMPLE_FILE = re.compile(r"[A-Za-z0-9_-]{1,64}\.png")
+"""What a sample image is named (00.png, grid.png): the only names the sample file route serves."""
 
 # what GET /models/{id}/download names as the base, per model family (Bria's names); the card is
 # the family's own hub_id
@@ -71,3 +80,38 @@ def model_view(session: Session, model: Model, *, include_training_parameters: b
 def checkpoint_view(checkpoint: Checkpoint) -> dict[str, Any]:
     return {"checkpoint_step": checkpoint.step, "training_job_id": checkpoint.training_job_id,
             "created_at": checkpoint.created_at}
+
+
+def progress_view(run_dir: Path, status: str) -> dict[str, Any] | None:
+    """GET /models/{id}'s training_progress, from the tail of the run's metrics.jsonl; None before
+    the first step is recorded."""
+    progress = read_progress(run_dir)
+    if progress is None:
+        return None
+    updated = progress["updated_at"]
+    return {"current_step": progress["step"], "total_steps": progress["total_steps"], "last_loss": progress["loss"],
+            "step_seconds": progress["step_seconds"],
+            "eta_seconds": progress["eta_s"] if status in ("InProgress", "Stopping", "Completed") else None,
+            "updated_at": None if updated is None else
+            datetime.fromtimestamp(updated, timezone.utc).replace(tzinfo=None).isoformat()}
+
+
+def checkpoint_samples(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    """The validation images of a checkpoint, in order: {"file", "prompt", "seed"} from its
+    samples/prompts.json (the PNGs themselves when that index is missing); files that are not
+    there are left out."""
+    folder = checkpoint_dir / SAMPLES_DIR
+    try:
+        records = json.loads((folder / "prompts.json").read_text())
+    except (OSError, ValueError):
+        records = [{"file": p.name} for p in sorted(folder.glob("*.png")) if p.name != "grid.png"]
+    if not isinstance(records, list):
+        return []
+    samples = []
+    for record in records:
+        name = record.get("file") if isinstance(record, dict) else None
+        if isinstance(name, str) and SAMPLE_FILE.fullmatch(name) and (folder / name).is_file():
+            seed = record.get("seed")
+            samples.append({"file": name, "prompt": record.get("prompt") if isinstance(record.get("prompt"), str)
+                            else None, "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None})
+    return samples

@@ -1,0 +1,69 @@
+"""Service: what every request handler shares (settings, database, job runner, generation worker,
+auth, limits). `create_app` builds one; handlers reach it through `deps.service_of`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import EngineConfig, load_engine_config
+from ..contract import canonical_version
+from ..errors import InvalidParameterError, UnknownTrainingVersionError
+from ..families import ModelFamily, check_config_family, family_class, load_version_map
+from .auth import RateLimiter, TokenAuth, UrlSigner
+from .db import Database
+from .generation import GenerationWorker, PromptExpander
+from .launchers import Backend, LocalBackend, SlurmBackend
+from .runner import JobRunner
+from .settings import ServiceSettings
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings, backend: Backend | None = None,
+                 prompt_expander: PromptExpander | None = None):
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.version_map = load_version_map(settings.version_map)
+        for family in settings.bases:
+            family_class(family)  # an unknown family name fails at start-up, not at the first training
+        self.engine_configs = {f: load_engine_config(p) for f, p in settings.engine_configs.items()}
+        for family, config in self.engine_configs.items():
+            check_config_family(config, family, source=f"--engine-config {family}={settings.engine_configs[family]}",
+                                wanted_by=f"it is given for family {family}")
+        self._families = {f: family_class(f)(self.engine_config(f).model) for f in settings.bases}
+        self.db = Database(settings.database_url)
+        if backend is None:
+            backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
+                       else SlurmBackend(settings.slurm_template, settings.num_processes))
+        self.runner = JobRunner(self.db, backend, settings)
+        self.auth = TokenAuth(settings.tokens)
+        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.signer = UrlSigner(settings.resolved_url_secret())
+        self.prompt_expander = prompt_expander
+        """Turns a plain-text prompt into a FIBO structured prompt (a captioning model); None: FIBO
+        generation needs a structured_prompt."""
+        self.generations = GenerationWorker(self.db, settings, self.family, self.runner.run_dir,
+                                            lambda: self.prompt_expander)
+
+    def family_of(self, training_version: str, field_name: str = "training_version") -> str:
+        """The model family that trains this version here; a 400 naming the field when none does."""
+        try:
+            family = self.version_map[canonical_version(training_version)]
+        except (KeyError, UnknownTrainingVersionError):
+            family = None
+        if family not in self.settings.bases:
+            served = sorted(v for v, f in self.version_map.items() if f in self.settings.bases)
+            raise InvalidParameterError.single(
+                field_name, training_version,
+                f"this deployment does not train {training_version!r}; it serves {', '.join(served) or 'nothing'} "
+                "(the operator adds a family with `serve --base FAMILY=PATH`)")
+        return family
+
+    def family(self, name: str) -> ModelFamily:
+        """A served family, with the engine config's model options (as its trainings use them)."""
+        return self._families[name]
+
+    def engine_config(self, family: str) -> EngineConfig:
+        return self.engine_configs.get(family) or EngineConfig()
+
+    def dataset_dir(self, dataset_id: int) -> Path:
+        return self.settings.data_dir / "datasets" / f"dataset-{dataset_id}"
