@@ -127,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--generation-resolution", action="append", default=[], metavar="FAMILY=PX",
                        help="image side the generation endpoints render for a family (default 1024; e.g. "
                        "fibo=128 for a CPU demo) (repeatable)")
+    serve.add_argument("--vlm", help="captioning model, a hub id (briaai/FIBO-vlm) or a Qwen3-VL folder: automatic "
+                       "captions, visual schemas, caption prefixes, refined and plain-text FIBO prompts (loaded on "
+                       "first use; CUDA bf16 when available)")
+    serve.add_argument("--vlm-string-tokens", type=int, help="one token allowance for every caption string "
+                       "(shorter captions; CPU demos)")
+    serve.add_argument("--vlm-max-pixels", type=int, help="largest image area given to the VLM (default FIBO's "
+                       "1024*28*28)")
 
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
@@ -219,6 +226,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         num_processes=args.num_processes, lost_jobs=args.lost_jobs, rate_limit_per_minute=args.rate_limit,
         max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
         public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
+        vlm=args.vlm, vlm_string_tokens=args.vlm_string_tokens, vlm_max_pixels=args.vlm_max_pixels,
     )
     serve(settings, args.host, args.port)
     return 0

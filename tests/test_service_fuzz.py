@@ -13,6 +13,7 @@ import pytest
 
 from service_helpers import (TOKEN, SleepingBackend, ThreadServer, client, completed_fibo_dataset, create_model,
                              settings_for)
+from tailoredgen_train.fixtures.tiny_vlm import TINY_MAX_PIXELS
 from test_service_api import _stop_all
 
 pytestmark = pytest.mark.slow
@@ -34,9 +35,11 @@ def _fuzz(server, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def fuzz_server(tmp_path, tiny_fibo_base):
+def fuzz_server(tmp_path, tiny_fibo_base, tiny_vlm):
     backend = SleepingBackend()
-    settings = settings_for(tmp_path, tiny_fibo_base, rate_limit_per_minute=100_000, max_concurrent_trainings=1000)
+    # with the tiny captioning model, so that the captioning endpoints answer as they do in production
+    settings = settings_for(tmp_path, tiny_fibo_base, rate_limit_per_minute=100_000, max_concurrent_trainings=1000,
+                            vlm=str(tiny_vlm), vlm_string_tokens=3, vlm_max_pixels=TINY_MAX_PIXELS // 4)
     with ThreadServer(settings, backend) as server:
         with client(server.url) as api:  # objects with id 1, so that examples reach real rows too
             create_model(api, completed_fibo_dataset(api))

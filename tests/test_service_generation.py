@@ -228,8 +228,8 @@ def test_a_prompt_expander_turns_plain_text_into_the_structured_prompt(tmp_path,
     calls = []
 
     class Expander:
-        def expand(self, prompt, structured_prompt, seed):
-            calls.append((prompt, structured_prompt, seed))
+        def expand(self, prompt, structured_prompt, seed, visual_schema=None):
+            calls.append((prompt, structured_prompt, seed, visual_schema))
             return json.dumps({"short_description": prompt.upper()})
 
     rendered = []
@@ -246,7 +246,7 @@ def test_a_prompt_expander_turns_plain_text_into_the_structured_prompt(tmp_path,
         assert response.status_code == 200, response.text
         assert response.json()["structured_prompt"] == '{"short_description":"A RED CIRCLE"}'  # compact, as trained
         assert response.json()["seed"] == 7
-    assert calls == [("a red circle", None, 7)]
+    assert calls == [("a red circle", None, 7, None)]  # the dataset has no visual schema
     assert rendered[0][0].name == "checkpoint-200" and rendered[0][1] == ['{"short_description":"A RED CIRCLE"}']
 
 

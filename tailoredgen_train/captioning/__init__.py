@@ -14,6 +14,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "CaptionFormat": "captioner", "Captioner": "captioner", "CaptionResult": "captioner", "fibo_prompt": "captioner",
+    "load_captioner": "captioner",
     "clean_caption": "cleaning", "clean_vlm_output": "cleaning", "parse_vlm_output": "cleaning",
     "CaptionFailure": "dataset", "CaptionSummary": "dataset", "caption_dataset": "dataset",
     "CaptionLimits": "grammar", "caption_grammar": "grammar", "text_grammar": "grammar",

@@ -216,6 +216,17 @@ class Captioner:
         return outputs
 
 
+def load_captioner(vlm: str = DEFAULT_VLM, *, string_tokens: int | None = None, max_pixels: int | None = None,
+                   **options: Any) -> Captioner:
+    """`Captioner.load` with the knobs the CLI and the service expose: one token allowance for every
+    string value (shorter captions, quick runs), and the largest image area given to the VLM (the
+    smallest follows it down when it is below FIBO's)."""
+    limits = CaptionLimits().with_string_tokens(string_tokens) if string_tokens else CaptionLimits()
+    max_pixels = max_pixels or FIBO_MAX_PIXELS
+    return Captioner.load(vlm, min_pixels=min(FIBO_MIN_PIXELS, max_pixels), max_pixels=max_pixels, limits=limits,
+                          **options)
+
+
 def _load(path: str | Path) -> Image.Image:
     """An image file as training reads it (EXIF-rotated, alpha on black, 8-bit RGB)."""
     try:

@@ -59,15 +59,10 @@ def _add_vlm_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _captioner(args: argparse.Namespace):
-    from .captioner import Captioner
-    from .grammar import CaptionLimits
-    from .loading import FIBO_MAX_PIXELS, FIBO_MIN_PIXELS
+    from .captioner import load_captioner
 
-    limits = CaptionLimits().with_string_tokens(args.string_tokens) if args.string_tokens else CaptionLimits()
-    max_pixels = args.max_pixels or FIBO_MAX_PIXELS
-    return Captioner.load(args.vlm, device=args.device, min_pixels=min(FIBO_MIN_PIXELS, max_pixels),
-                          max_pixels=max_pixels, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          limits=limits)
+    return load_captioner(args.vlm, string_tokens=args.string_tokens, max_pixels=args.max_pixels, device=args.device,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:

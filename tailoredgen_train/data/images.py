@@ -6,6 +6,7 @@ Everything that can be wrong with an image file is turned into an `ImageProblem`
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -54,11 +55,22 @@ def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000, notes: list[str]
         raise ImageProblem("missing_file", f"{path} does not exist") from None
     if size == 0:
         raise ImageProblem("empty_file", "the file is empty (0 bytes)")
+    return _open(path, max_pixels, notes)
+
+
+def decode_rgb(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
+    """`load_rgb` for an image held in memory (an upload sent as base64 or fetched from a URL)."""
+    if not data:
+        raise ImageProblem("empty_file", "the image is empty (0 bytes)")
+    return _open(io.BytesIO(data), max_pixels, [])
+
+
+def _open(source: Path | io.BytesIO, max_pixels: int, notes: list[str]) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb must be a hard error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 return _decode(im, max_pixels, notes)
     except ImageProblem:
         raise

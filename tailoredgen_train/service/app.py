@@ -44,8 +44,9 @@ def error_response(request: Request, exc: TailoredGenError) -> JSONResponse:
 
 def create_app(settings: ServiceSettings, backend: Backend | None = None,
                prompt_expander: PromptExpander | None = None) -> FastAPI:
-    """`prompt_expander`: the captioning model that turns a plain-text FIBO prompt into a structured
-    one; without it, FIBO generation requests must send `structured_prompt`."""
+    """`prompt_expander`: what turns a plain-text FIBO prompt into a structured one; by default the
+    captioning model (settings.vlm), and without either, FIBO generation requests must send
+    `structured_prompt`."""
     service = Service(settings, backend, prompt_expander)
 
     @asynccontextmanager
@@ -53,21 +54,25 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
         # reconcile what an earlier server left (jobs, unfinished generations) before taking requests
         service.runner.poll(startup=True)
         service.generations.fail_unfinished()
+        service.captioning.recover()
         service.runner.start_watching()
         service.generations.start()
+        service.captioning.start()
         try:
             yield
         finally:
-            service.generations.stop()
+            service.generations.stop()  # first: its prompts may wait for the captioning worker
+            service.captioning.stop()
             service.runner.stop_watching()
             service.db.dispose()
 
     app = FastAPI(title="tailoredgen-train", version="0.1.0", lifespan=lifespan,
                   default_response_class=AsciiJSONResponse,
-                  description="The Tailored Generation lifecycle: projects, datasets, models, start/stop "
-                              "training, progress, logs, checkpoints with their sample images, the run report, "
-                              "download, and generation with a trained model (FIBO: /v2, legacy: /v1). Send "
-                              "your token in the `api_token` header.")
+                  description="The Tailored Generation lifecycle: projects, datasets, automatic captions, "
+                              "visual schemas and caption prefixes (with a captioning model: serve --vlm), models, "
+                              "start/stop training, progress, logs, checkpoints with their sample images, the run "
+                              "report, download, and generation with a trained model (FIBO: /v2, legacy: /v1). "
+                              "Send your token in the `api_token` header.")
     app.state.service = service
     _document_bria_errors_only(app)
 
@@ -103,6 +108,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    from .routes_captioning import router as captioning_router
     from .routes_datasets import router as datasets_router
     from .routes_files import router as files_router
     from .routes_generation import router as generation_router
@@ -110,6 +116,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
 
     authenticated = [Depends(caller)]
     app.include_router(datasets_router, prefix="/tailored-gen", dependencies=authenticated)
+    app.include_router(captioning_router, prefix="/tailored-gen", dependencies=authenticated)
     app.include_router(models_router, prefix="/tailored-gen", dependencies=authenticated)
     app.include_router(generation_router, dependencies=authenticated)  # Bria's /v2 and /v1 paths
     app.include_router(files_router, prefix="/tailored-gen")  # pre-signed: the signature is the credential

@@ -1,5 +1,5 @@
-"""Service: what every request handler shares (settings, database, job runner, generation worker,
-auth, limits). `create_app` builds one; handlers reach it through `deps.service_of`."""
+"""Service: what every request handler shares (settings, database, job runner, generation and
+captioning workers, auth, limits). `create_app` builds one; handlers reach it through `deps.service_of`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ..contract import canonical_version
 from ..errors import InvalidParameterError, UnknownTrainingVersionError
 from ..families import ModelFamily, check_config_family, family_class, load_version_map
 from .auth import RateLimiter, TokenAuth, UrlSigner
+from .captioning import CaptioningWorker, VlmPromptExpander
 from .db import Database
 from .generation import GenerationWorker, PromptExpander
 from .launchers import Backend, LocalBackend, SlurmBackend
@@ -38,9 +39,13 @@ class Service:
         self.auth = TokenAuth(settings.tokens)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.signer = UrlSigner(settings.resolved_url_secret())
+        self.captioning = CaptioningWorker(self.db, settings, self.dataset_dir)
+        """The captioning model (serve --vlm) behind automatic captions and the captioning endpoints."""
+        if prompt_expander is None and self.captioning.enabled:
+            prompt_expander = VlmPromptExpander(self.captioning)
         self.prompt_expander = prompt_expander
-        """Turns a plain-text prompt into a FIBO structured prompt (a captioning model); None: FIBO
-        generation needs a structured_prompt."""
+        """Turns a plain-text prompt into a FIBO structured prompt (the captioning model by default);
+        None: FIBO generation needs a structured_prompt."""
         self.generations = GenerationWorker(self.db, settings, self.family, self.runner.run_dir,
                                             lambda: self.prompt_expander)
 

@@ -49,6 +49,8 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(Text)
     training_version: Mapped[str] = mapped_column(String(16))
     caption_prefix: Mapped[str | None] = mapped_column(Text, nullable=True)
+    visual_schema: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """FIBO: the caption values every automatic caption keeps, a JSON object as compact text"""
     status: Mapped[str] = mapped_column(String(16), default="draft")
     upload_type: Mapped[str] = mapped_column(String(16), default="basic")
     created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
@@ -63,7 +65,14 @@ class Image(Base):
     file_name: Mapped[str] = mapped_column(String(64))
     """the stored file, relative to the dataset folder (the name is the server's, never the client's)"""
     caption: Mapped[str | None] = mapped_column(Text, nullable=True)
-    caption_source: Mapped[str] = mapped_column(String(16), default="manual")
+    caption_source: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    """manual, automatic, pending (queued for the captioning worker), failed; None: no caption and none coming"""
+    caption_request: Mapped[int] = mapped_column(Integer, default=0)
+    """counts the caption's changes: the worker stores a caption only for the request it captioned"""
+    caption_worker: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """the host whose captioning worker claimed this pending image"""
+    caption_error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    caption_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[str] = mapped_column(String(32), default=utcnow)

@@ -1,19 +1,21 @@
 """What the routes share: the service lookup, the api_token dependency, the response class, the
-errors several routes raise, the model lookup and pre-signed links. Routes import this module,
-never app.py (which imports the routes)."""
+errors several routes raise, the dataset, image and model lookups and pre-signed links. Routes
+import this module, never app.py (which imports the routes)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from ..errors import NotFoundError, TailoredGenError
-from .core import Service
-from .db import Model
+from .db import Dataset, Image, Model
+
+if TYPE_CHECKING:  # core imports the captioning functions, which import this module
+    from .core import Service
 
 FILES_PREFIX = "/tailored-gen/files"
 """Pre-signed files live under here; their signature is the credential (no api_token)."""
@@ -38,6 +40,16 @@ class ConflictError(TailoredGenError):
     http_status = 409
 
 
+class UnsupportedImageError(TailoredGenError):
+    code = "unsupported_image"
+    http_status = 415
+
+
+class UploadTooLargeError(TailoredGenError):
+    code = "upload_too_large"
+    http_status = 413
+
+
 def service_of(request: Request) -> Service:
     return request.app.state.service
 
@@ -50,6 +62,28 @@ def caller(request: Request, api_token: str | None = Header(default=None, alias=
     request.state.caller = who
     service.limiter.check(who)
     return who
+
+
+def dataset_or_404(session: Session, dataset_id: int) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFoundError(f"Dataset not found: there is no dataset {dataset_id}")
+    return dataset
+
+
+def image_or_404(session: Session, dataset_id: int, image_id: int) -> Image:
+    dataset_or_404(session, dataset_id)
+    image = session.get(Image, image_id)
+    if image is None or image.dataset_id != dataset_id:
+        raise NotFoundError(f"Image not found: dataset {dataset_id} has no image {image_id}")
+    return image
+
+
+def require_draft(dataset: Dataset, what: str) -> None:
+    """A completed dataset is frozen (409)."""
+    if dataset.status != "draft":
+        raise ConflictError(f"Cannot {what} in a completed dataset ({dataset.id}): a completed dataset is frozen. "
+                            "Create a new dataset to change its images or captions.")
 
 
 def model_or_404(session: Session, model_id: int) -> Model:

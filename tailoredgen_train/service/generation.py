@@ -15,6 +15,7 @@ message and the worker goes on with the next.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -22,15 +23,16 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from ..errors import InvalidParameterError, LoraFileError, PromptError, RateLimitedError, TailoredGenError
+from ..errors import (CaptionFailedError, CaptionInputError, InvalidParameterError, LoraFileError, PromptError,
+                      RateLimitedError, TailoredGenError)
 from ..families import ModelFamily
 from ..inference import GeneratedImage, GenerationSettings, LoraPipeline
-from .db import Database, GenerationRequest, utcnow
+from .db import Database, Dataset, GenerationRequest, Model, utcnow
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,14 @@ IN_PROGRESS, COMPLETED, FAILED = "IN_PROGRESS", "COMPLETED", "FAILED"  # Bria's 
 
 
 class PromptExpander(Protocol):
-    """The seam for a captioning model (e.g. FIBO's VLM): plain text -> a FIBO structured prompt.
-    Called on the generation worker's thread, never in a request handler."""
+    """The seam for a captioning model (FIBO's VLM: captioning.VlmPromptExpander): plain text -> a
+    FIBO structured prompt. Called on the generation worker's thread, never in a request handler."""
 
-    def expand(self, prompt: str, structured_prompt: str | None, seed: int) -> str:
-        """A structured prompt (a JSON object, as a string) for `prompt`; with `structured_prompt`,
-        that structured prompt refined by `prompt`."""
+    def expand(self, prompt: str, structured_prompt: str | None, seed: int,
+               visual_schema: dict[str, Any] | None = None) -> str:
+        """A structured prompt (a JSON object, as a string) for `prompt`, keeping the values of
+        `visual_schema` (the model's dataset's, as Bria translates prompts); with
+        `structured_prompt`, that structured prompt refined by `prompt`."""
 
 
 class GenerationWorker:
@@ -169,8 +173,15 @@ class GenerationWorker:
             raise PromptError("this server has no captioning model to expand a plain-text prompt; send "
                               "structured_prompt instead")
         structured = expander.expand(request.plain_prompt or "", request.structured_prompt,
-                                     request.settings["seed"])
+                                     request.settings["seed"], visual_schema=self._visual_schema(request.model_id))
         return self._family(request.family).prepare_prompt(structured)
+
+    def _visual_schema(self, model_id: int) -> dict[str, Any] | None:
+        """The visual schema of the dataset the model was trained on, if it has one."""
+        with self.db.transaction() as session:
+            text = session.scalar(select(Dataset.visual_schema).join(Model, Model.dataset_id == Dataset.id)
+                                  .where(Model.id == model_id))
+        return json.loads(text) if text else None
 
     def _pipeline(self, family: str) -> LoraPipeline:
         pipeline = self._pipelines.get(family)
@@ -212,7 +223,8 @@ class GenerationWorker:
             log.warning("generation %s: out of memory: %s", request.id, exc)
             return "oom", ("the accelerator ran out of memory while generating; try again later, or with fewer "
                            "steps_num or num_results")
-        if isinstance(exc, (PromptError, InvalidParameterError)):  # the expander's prompt was unusable
+        if isinstance(exc, (PromptError, InvalidParameterError, CaptionInputError, CaptionFailedError,
+                            RateLimitedError)):  # the expander's prompt was unusable, or its queue full
             return exc.code, exc.message
         log.error("generation %s failed", request.id, exc_info=exc)
         if isinstance(exc, LoraFileError):

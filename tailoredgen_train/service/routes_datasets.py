@@ -20,8 +20,11 @@ from ..data.images import ImageProblem, load_rgb
 from ..data.metadata import JSONL_NAME
 from ..data.preflight import validate_dataset
 from ..errors import InvalidParameterError, NotFoundError, TailoredGenError
-from .deps import ConflictError, service_of
+from .captioning import (MANUAL, PENDING, captions_uploads, normalize_visual_schema, regenerate_caption,
+                         set_manual_caption)
 from .db import Dataset, Image, Project, utcnow
+from .deps import (ConflictError, UnsupportedImageError, UploadTooLargeError, dataset_or_404, image_or_404,
+                   require_draft, service_of)
 from .schemas import (ERROR_RESPONSES, ILLUSTRATION_ONLY, MAX_ID, CaptionUpdate, DatasetCreate, DatasetOut,
                       DatasetUpdate, ImageOut, ProjectCreate, ProjectOut)
 from .views import dataset_view, image_view, project_view
@@ -42,16 +45,6 @@ class ResolutionTooLowError(TailoredGenError):
     http_status = 412
 
 
-class UnsupportedImageError(TailoredGenError):
-    code = "unsupported_image"
-    http_status = 415
-
-
-class UploadTooLargeError(TailoredGenError):
-    code = "upload_too_large"
-    http_status = 413
-
-
 def _family_kind(training_version: str) -> str:
     return "fibo" if is_fibo(training_version) else "legacy"
 
@@ -61,19 +54,6 @@ def _project(session: Session, project_id: int) -> Project:
     if project is None:
         raise NotFoundError(f"Project not found: there is no project {project_id}")
     return project
-
-
-def _dataset(session: Session, dataset_id: int) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFoundError(f"Dataset not found: there is no dataset {dataset_id}")
-    return dataset
-
-
-def _draft(dataset: Dataset, what: str) -> None:
-    if dataset.status != "draft":
-        raise ConflictError(f"Cannot {what} in a completed dataset ({dataset.id}): a completed dataset is frozen. "
-                            "Create a new dataset to change its images or captions.")
 
 
 def _caption(raw: str | None, training_version: str) -> str | None:
@@ -128,6 +108,9 @@ def create_dataset(body: DatasetCreate, request: Request) -> dict:
     if body.caption_prefix and is_fibo(body.training_version):
         raise InvalidParameterError.single("caption_prefix", body.caption_prefix,
                                            "FIBO datasets take no caption_prefix: their captions are structured JSON")
+    values = body.model_dump()
+    if body.visual_schema is not None:
+        values["visual_schema"] = _visual_schema(body.visual_schema, body.training_version)
     with service.db.transaction() as session:
         project = _project(session, body.project_id)
         if project.training_version is None:
@@ -137,7 +120,7 @@ def create_dataset(body: DatasetCreate, request: Request) -> dict:
                 "training_version", body.training_version,
                 f"project {project.id} is locked to {project.training_version!r}: FIBO and legacy versions "
                 "(max, light, 3.2, 2.3) cannot share a project")
-        dataset = Dataset(**body.model_dump())
+        dataset = Dataset(**values)
         session.add(dataset)
         session.flush()
         service.dataset_dir(dataset.id).mkdir(parents=True, exist_ok=True)
@@ -154,7 +137,7 @@ def list_datasets(request: Request) -> list[dict]:
 def get_dataset(dataset_id: DatasetId, request: Request,
                 max_images: Annotated[int, Query(ge=1, le=MAX_IMAGES)] = MAX_IMAGES) -> dict:
     with service_of(request).db.transaction() as session:
-        dataset = _dataset(session, dataset_id)
+        dataset = dataset_or_404(session, dataset_id)
         images = list(session.scalars(select(Image).where(Image.dataset_id == dataset_id)
                                       .order_by(Image.id).limit(max_images)))
         return dataset_view(session, dataset, images=images)
@@ -164,13 +147,17 @@ def get_dataset(dataset_id: DatasetId, request: Request,
 def update_dataset(dataset_id: DatasetId, body: DatasetUpdate, request: Request) -> dict:
     service = service_of(request)
     with service.db.transaction() as session:
-        dataset = _dataset(session, dataset_id)
+        dataset = dataset_or_404(session, dataset_id)
         if body.caption_prefix is not None:
             if is_fibo(dataset.training_version):
                 raise InvalidParameterError.single("caption_prefix", body.caption_prefix,
                                                    "FIBO datasets take no caption_prefix")
-            _draft(dataset, "change the caption_prefix")
+            require_draft(dataset, "change the caption_prefix")
             dataset.caption_prefix = body.caption_prefix
+        if body.visual_schema is not None:
+            schema = _visual_schema(body.visual_schema, dataset.training_version)
+            require_draft(dataset, "change the visual_schema")
+            dataset.visual_schema = schema
         if body.status == "draft" and dataset.status == "completed":
             raise ConflictError(f"Dataset {dataset_id} is completed and cannot go back to draft: create a new dataset.")
         if body.name is not None:
@@ -191,10 +178,15 @@ def _complete(service, session: Session, dataset: Dataset) -> None:
         raise ConflictError(f"Cannot complete dataset {dataset.id}: insufficient images ({len(images)}); a "
                             f"{kind} dataset needs at least {needed}. Upload more with POST "
                             f"/tailored-gen/datasets/{dataset.id}/images.")
+    pending = sum(i.caption_source == PENDING for i in images)
+    if pending:
+        raise ConflictError(f"Cannot complete dataset {dataset.id}: {pending} caption(s) are still pending; poll GET "
+                            f"/tailored-gen/datasets/{dataset.id} until captions_update_status is completed.")
     missing = [i.id for i in images if not i.caption]
     if missing:
         raise ConflictError(f"Cannot complete dataset {dataset.id}: images {missing} have no caption; set one with "
-                            f"PUT /tailored-gen/datasets/{dataset.id}/images/{{image_id}}.")
+                            f"PUT /tailored-gen/datasets/{dataset.id}/images/{{image_id}} (caption, or "
+                            "regenerate_caption: true).")
     folder = service.dataset_dir(dataset.id)
     lines = "".join(json.dumps({"file_name": i.file_name, "caption": i.caption}) + "\n" for i in images)
     _write_atomically(folder / JSONL_NAME, lines)
@@ -205,6 +197,13 @@ def _complete(service, session: Session, dataset: Dataset) -> None:
         raise ConflictError(f"Cannot complete dataset {dataset.id}: it fails the training preflight:\n"
                             f"{report.format()}")
     dataset.status = "completed"
+
+
+def _visual_schema(text: str, training_version: str) -> str:
+    if not is_fibo(training_version):
+        raise InvalidParameterError.single("visual_schema", text[:200], "legacy datasets take no visual_schema: "
+                                           "their captions are plain text that continues the caption_prefix")
+    return normalize_visual_schema(text)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -225,8 +224,8 @@ def upload_image(dataset_id: DatasetId, request: Request, file: Annotated[Upload
                  image_name: Annotated[str | None, Form(max_length=256)] = None) -> dict:
     service = service_of(request)
     with service.db.transaction() as session:
-        dataset = _dataset(session, dataset_id)
-        _draft(dataset, "add images")
+        dataset = dataset_or_404(session, dataset_id)
+        require_draft(dataset, "add images")
         version = dataset.training_version
     caption = _caption(caption, version)
     data = file.file.read(MAX_UPLOAD_BYTES + 1)
@@ -241,19 +240,23 @@ def upload_image(dataset_id: DatasetId, request: Request, file: Annotated[Upload
         width, height, extension = _check_upload(staging, service.engine_config(service.family_of(version)).data)
         name = (image_name or file.filename or "image").encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
         with service.db.transaction() as session:
-            dataset = _dataset(session, dataset_id)
-            _draft(dataset, "add images")  # checked again: the dataset may have been completed meanwhile
+            dataset = dataset_or_404(session, dataset_id)
+            require_draft(dataset, "add images")  # checked again: the dataset may have been completed meanwhile
             count = session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == dataset_id))
             if count >= MAX_IMAGES:
                 raise ConflictError(f"Dataset {dataset_id} already has the maximum of {MAX_IMAGES} images.")
+            automatic = not caption and captions_uploads(service, dataset)
             image = Image(dataset_id=dataset_id, image_name=name[:256], file_name="", caption=caption,
-                          caption_source="manual" if caption else "pending", width=width, height=height)
+                          caption_source=MANUAL if caption else PENDING if automatic else None, width=width,
+                          height=height)
             session.add(image)
             session.flush()
             image.file_name = f"{image.id:08d}{extension}"  # the server names files: no client path reaches disk
             stored = folder / image.file_name
             os.replace(staging, stored)
             view = image_view(image)
+        if automatic:
+            service.captioning.wake()
         return view
     except BaseException:
         # a file without its committed row would fail the preflight when the dataset is completed
@@ -288,40 +291,32 @@ def _check_upload(path: Path, data_config) -> tuple[int, int, str]:
 @router.get("/datasets/{dataset_id}/images", response_model=list[ImageOut])
 def list_images(dataset_id: DatasetId, request: Request) -> list[dict]:
     with service_of(request).db.transaction() as session:
-        _dataset(session, dataset_id)
+        dataset_or_404(session, dataset_id)
         return [image_view(i) for i in session.scalars(select(Image).where(Image.dataset_id == dataset_id)
                                                         .order_by(Image.id))]
-
-
-def _image(session: Session, dataset_id: int, image_id: int) -> Image:
-    _dataset(session, dataset_id)
-    image = session.get(Image, image_id)
-    if image is None or image.dataset_id != dataset_id:
-        raise NotFoundError(f"Image not found: dataset {dataset_id} has no image {image_id}")
-    return image
 
 
 @router.get("/datasets/{dataset_id}/images/{image_id}", response_model=ImageOut)
 def get_image(dataset_id: DatasetId, image_id: ImageId, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
-        return image_view(_image(session, dataset_id, image_id))
+        return image_view(image_or_404(session, dataset_id, image_id))
 
 
 @router.put("/datasets/{dataset_id}/images/{image_id}", response_model=ImageOut)
 def update_caption(dataset_id: DatasetId, image_id: ImageId, body: CaptionUpdate, request: Request) -> dict:
-    if (body.caption is None) == (body.regenerate_caption is None):
+    """`caption` sets it by hand; `regenerate_caption: true` queues a new automatic caption (the
+    answer says pending; poll the image or the dataset)."""
+    if (body.caption is None) == (body.regenerate_caption is None) or body.regenerate_caption is False:
         raise InvalidParameterError.single("caption", body.caption or "", "send exactly one of caption and "
-                                           "regenerate_caption")
-    if body.regenerate_caption is not None:
-        raise InvalidParameterError.single("regenerate_caption", body.regenerate_caption,
-                                           "automatic captioning is not available in this service; send a caption")
-    with service_of(request).db.transaction() as session:
-        image = _image(session, dataset_id, image_id)
-        dataset = _dataset(session, dataset_id)
-        _draft(dataset, "update captions")
-        image.caption = _caption(body.caption, dataset.training_version)
-        image.caption_source = "manual"
-        image.updated_at = utcnow()
+                                           "regenerate_caption: true")
+    service = service_of(request)
+    if body.regenerate_caption:
+        return regenerate_caption(service, dataset_id, image_id)
+    with service.db.transaction() as session:
+        image = image_or_404(session, dataset_id, image_id)
+        dataset = dataset_or_404(session, dataset_id)
+        require_draft(dataset, "update captions")
+        set_manual_caption(image, _caption(body.caption, dataset.training_version))
         return image_view(image)
 
 
@@ -329,8 +324,8 @@ def update_caption(dataset_id: DatasetId, image_id: ImageId, body: CaptionUpdate
 def delete_image(dataset_id: DatasetId, image_id: ImageId, request: Request) -> Response:
     service = service_of(request)
     with service.db.transaction() as session:
-        image = _image(session, dataset_id, image_id)
-        _draft(_dataset(session, dataset_id), "delete an image")
+        image = image_or_404(session, dataset_id, image_id)
+        require_draft(dataset_or_404(session, dataset_id), "delete an image")
         session.delete(image)
         # a draft's files are not training input yet; the row goes first so a crash leaves no dangling row
         path = service.dataset_dir(dataset_id) / image.file_name

@@ -44,7 +44,8 @@ ModelId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
 Step = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[100])]
 RANDOM_SEEDS = 2**31  # a request without a seed draws one below this (and answers with it)
 NO_EXPANDER = ("A plain-text prompt needs a captioning model to expand it into a FIBO structured prompt, and none "
-               "is configured on this server. Send structured_prompt instead: a JSON object as a string, e.g. "
+               "is configured on this server (the operator enables one with `tailoredgen-train serve --vlm "
+               "briaai/FIBO-vlm`). Send structured_prompt instead: a JSON object as a string, e.g. "
                '{"short_description": "a red fox in fresh snow", "background_setting": "a pine forest"}.')
 
 

@@ -50,11 +50,17 @@ class ProjectCreate(Strict):
     training_version: VERSIONS | None = Field(default=None, description="locks the project to FIBO or legacy")
 
 
+VisualSchema = Annotated[str, Field(max_length=100_000), AfterValidator(_storable)]
+VISUAL_SCHEMA_DOC = ("FIBO datasets: a JSON object as a string, the caption values every automatic caption keeps "
+                     "(see generate_visual_schema)")
+
+
 class DatasetCreate(Strict):
     project_id: Id
     name: Name
     training_version: VERSIONS = "max"
     caption_prefix: LongText | None = Field(default=None, description="legacy datasets only")
+    visual_schema: VisualSchema | None = Field(default=None, description=VISUAL_SCHEMA_DOC)
     upload_type: Literal["basic"] = "basic"
 
 
@@ -62,11 +68,49 @@ class DatasetUpdate(Strict):
     name: Name | None = None
     status: Literal["draft", "completed"] | None = None
     caption_prefix: LongText | None = Field(default=None, description="legacy datasets, while draft")
+    visual_schema: VisualSchema | None = Field(default=None, description=f"{VISUAL_SCHEMA_DOC}; while draft")
 
 
 class CaptionUpdate(Strict):
     caption: Annotated[str, Field(max_length=100_000), AfterValidator(_storable)] | None = None
-    regenerate_caption: bool | None = None
+    regenerate_caption: bool | None = Field(default=None, description="true: the captioning worker writes a new "
+                                                                      "caption (caption_source pending, then "
+                                                                      "automatic)")
+
+
+# ---- captioning (a captioning model on the server: serve --vlm) ---------------------------------
+
+MAX_IMAGE_BYTES = 10 * 2**20
+"""the largest image the captioning endpoints take, sent as base64 or fetched from a URL"""
+ImageRef = Annotated[str, Field(min_length=1, max_length=(MAX_IMAGE_BYTES * 4) // 3 + 1024,
+                                description="a base64-encoded image (optionally a data: URI) or an http(s) URL")]
+
+
+class VisualSchemaRequest(Strict):
+    images: list[ImageRef] = Field(min_length=5, max_length=10, description="5 to 10 images: base64 or http(s) URLs")
+    content_moderation: bool = Field(default=False, description="accepted; this server moderates nothing")
+
+
+class RefineRequest(Strict):
+    dataset_id: Id = Field(description="a draft FIBO dataset")
+    structured_prompt: Annotated[str, Field(min_length=1, max_length=100_000), AfterValidator(_storable)] = Field(
+        description="a visual schema or a caption: a JSON object as a string")
+    instruction: Annotated[str, Field(min_length=1, max_length=10_000), AfterValidator(_storable)]
+    context_images: list[ImageRef] | None = Field(default=None, max_length=10, description=(
+        "accepted; FIBO-VLM's <refine> task reads the JSON and the instruction only"))
+
+
+class PrefixRequest(Strict):
+    image_urls: list[ImageRef] | None = Field(default=None, min_length=1, max_length=6, description="1 to 6 http(s) "
+                                              "URLs; either image_urls or images")
+    images: list[ImageRef] | None = Field(default=None, min_length=1, max_length=6, description="1 to 6 base64 "
+                                          "images")
+    ip_type: Literal["stylized_scene", "defined_character", "object_variants"] | None = None
+    ip_medium: Literal["photography", "illustration"] | None = None
+    ip_name: Name | None = Field(default=None, description="defined_character: the prefix ends with it")
+    content_moderation: bool = Field(default=False, description="accepted; this server moderates nothing")
+    dataset_id: Id | None = Field(default=None, description="extension: the legacy draft dataset the prefix is for "
+                                                            "(checked: a FIBO dataset takes a visual schema instead)")
 
 
 class ModelCreate(Strict):
@@ -134,12 +178,20 @@ class ProjectOut(BaseModel):
     updated_at: str
 
 
+class FailureOut(BaseModel):
+    code: str | None
+    message: str | None
+
+
 class ImageOut(BaseModel):
     id: int
     dataset_id: int
     image_name: str
     caption: str | None
-    caption_source: Literal["manual", "pending"]
+    caption_source: Literal["manual", "automatic", "pending", "failed"] | None = Field(description=(
+        "pending: the captioning worker will write it; failed: it could not (caption_error says why, the caption "
+        "is null); null: no caption and none is coming"))
+    caption_error: FailureOut | None = Field(default=None, description="caption_source failed: why")
     width: int
     height: int
     created_at: str
@@ -152,9 +204,11 @@ class DatasetOut(BaseModel):
     name: str
     training_version: str
     caption_prefix: str | None
+    visual_schema: str | None
     status: Literal["draft", "completed"]
     upload_type: str
-    captions_update_status: str
+    captions_update_status: Literal["empty", "in_progress", "completed"] = Field(description=(
+        "in_progress while any caption is pending; completed once all have settled"))
     images_count: int
     created_at: str
     updated_at: str
@@ -170,11 +224,6 @@ class TrainingParametersOut(BaseModel):
     total_training_steps: int | None = None
     checkpoint_interval: int | None = None
     lr_warmup_steps: int | None = None
-
-
-class FailureOut(BaseModel):
-    code: str | None
-    message: str | None
 
 
 class TrainingProgressOut(BaseModel):
@@ -326,6 +375,18 @@ class StatusOut(BaseModel):
     status: Literal["IN_PROGRESS", "COMPLETED", "FAILED"]
     result: StatusResultOut | None = Field(description="when COMPLETED")
     error: FailureOut | None = Field(description="when FAILED: why")
+
+
+class VisualSchemaOut(BaseModel):
+    visual_schema: str = Field(description="a JSON object as a string: the caption values most of the images share")
+
+
+class RefineOut(BaseModel):
+    structured_prompt: str = Field(description="the refined JSON object, as a compact string")
+
+
+class PrefixOut(BaseModel):
+    prefix: str = Field(description="a caption prefix: set it with PUT /tailored-gen/datasets/{id}")
 
 
 class FieldErrorOut(BaseModel):

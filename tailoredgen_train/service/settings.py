@@ -49,6 +49,14 @@ class ServiceSettings:
     1024 when absent); tests and CPU-only demos set 64-128."""
     generation_queue_size: int = 64
     """generation requests waiting for the worker; beyond this a new request gets 429."""
+    vlm: str | None = None
+    """the captioning model (a hub id such as briaai/FIBO-vlm, or a Qwen3-VL folder): automatic
+    captions, visual schemas, caption prefixes, refined prompts and plain-text FIBO prompts. None:
+    those endpoints answer 400 with how to enable them."""
+    vlm_string_tokens: int | None = None
+    """one token allowance for every string value of a caption (shorter captions; tests, CPU demos)."""
+    vlm_max_pixels: int | None = None
+    """the largest image area given to the VLM (FIBO's 1024*28*28 when None)."""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -71,6 +79,9 @@ class ServiceSettings:
                                  ("generation_queue_size", self.generation_queue_size, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        for name, value in (("vlm_string_tokens", self.vlm_string_tokens), ("vlm_max_pixels", self.vlm_max_pixels)):
+            if value is not None and (self.vlm is None or value < 1):
+                raise ConfigError(f"{name} must be >= 1 and needs a captioning model (--vlm), got {value}")
         if self.poll_interval_s <= 0 or self.stop_grace_s <= 0:
             raise ConfigError("poll_interval_s and stop_grace_s must be positive")
         for flag, given in (("--engine-config", self.engine_configs), ("--generation-resolution",

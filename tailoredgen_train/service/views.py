@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from ..families import FAMILIES, family_class
@@ -37,17 +37,34 @@ def project_view(project: Project) -> dict[str, Any]:
 
 
 def image_view(image: Image) -> dict[str, Any]:
+    failed = image.caption_source == "failed"
     return {"id": image.id, "dataset_id": image.dataset_id, "image_name": image.image_name,
-            "caption": image.caption, "caption_source": image.caption_source, "width": image.width,
-            "height": image.height, "created_at": image.created_at, "updated_at": image.updated_at}
+            "caption": image.caption, "caption_source": image.caption_source,
+            "caption_error": {"code": image.caption_error_code, "message": image.caption_error} if failed else None,
+            "width": image.width, "height": image.height, "created_at": image.created_at,
+            "updated_at": image.updated_at}
+
+
+def caption_counts(session: Session, dataset_id: int) -> dict[str, int]:
+    """How many images the dataset has, how many wait for the captioning worker, how many have a caption."""
+    images, pending, captioned = session.execute(
+        select(func.count(), func.count(case((Image.caption_source == "pending", 1))), func.count(Image.caption))
+        .where(Image.dataset_id == dataset_id)).one()
+    return {"images": images, "pending": pending, "captioned": captioned}
+
+
+def captions_update_status(counts: dict[str, int]) -> str:
+    """Bria's dataset field: in_progress while any caption is pending, completed once every
+    caption has settled and at least one image has a caption, empty before that."""
+    return "in_progress" if counts["pending"] else "completed" if counts["captioned"] else "empty"
 
 
 def dataset_view(session: Session, dataset: Dataset, *, images: list[Image] | None = None) -> dict[str, Any]:
-    count = session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == dataset.id))
+    counts = caption_counts(session, dataset.id)
     body = {"id": dataset.id, "project_id": dataset.project_id, "name": dataset.name,
             "training_version": dataset.training_version, "caption_prefix": dataset.caption_prefix,
-            "status": dataset.status, "upload_type": dataset.upload_type,
-            "captions_update_status": "completed" if count else "empty", "images_count": count,
+            "visual_schema": dataset.visual_schema, "status": dataset.status, "upload_type": dataset.upload_type,
+            "captions_update_status": captions_update_status(counts), "images_count": counts["images"],
             "created_at": dataset.created_at, "updated_at": dataset.updated_at}
     if images is not None:
         body["images"] = [image_view(i) for i in images]
