@@ -45,12 +45,14 @@ demo: $(STAMP)
 		--total-training-steps 200 --checkpoint-interval 100 \
 		--config configs/$(FAMILY)-tiny.yaml
 
-# the HTTP service on the tiny FIBO base (see README, "The HTTP service"); set TAILOREDGEN_API_TOKENS
+# the HTTP service on the tiny FIBO base, with the tiny captioning VLM (see README, "The HTTP service");
+# set TAILOREDGEN_API_TOKENS
 serve: $(STAMP)
 	$(PY) -m tailoredgen_train make-tiny-base --family fibo runs/tiny-fibo-base
+	$(PY) -m tailoredgen_train make-tiny-base --family fibo-vlm runs/tiny-fibo-vlm
 	TAILOREDGEN_API_TOKENS=$${TAILOREDGEN_API_TOKENS:-dev-token-change-me} $(PY) -m tailoredgen_train serve \
 		--data-dir runs/service --base fibo=runs/tiny-fibo-base --engine-config fibo=configs/fibo-tiny.yaml \
-		--generation-resolution fibo=128
+		--generation-resolution fibo=128 --vlm runs/tiny-fibo-vlm --vlm-string-tokens 8 --vlm-max-pixels 16384
 
 test: $(STAMP)
 	$(PY) -m pytest -q

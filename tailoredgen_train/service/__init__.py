@@ -6,9 +6,12 @@
     launchers.py  where a job runs: a local process or Slurm
     runner.py     claim, launch, watch, settle and reconcile jobs
     generation.py the generation worker: a queue, warm pipelines, requests as rows
+    captioning.py the captioning worker (a warm VLM; pending images as rows) and the caption
+                  functions routes and the console call
     core.py       Service: what every handler shares
     deps.py       what the routes share (service lookup, auth dependency, errors, signed links);
                   routes import it, never app.py
     app.py        the FastAPI app: errors, middleware, wiring
-    routes_*.py   the endpoints (routes_generation.py: Bria's /v2 and /v1 generation paths)
+    routes_*.py   the endpoints (routes_generation.py: Bria's /v2 and /v1 generation paths;
+                  routes_captioning.py: Regenerate All Captions, visual schemas, refine, prefixes)
 """
