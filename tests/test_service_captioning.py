@@ -25,7 +25,7 @@ from tailoredgen_train.data import SAMPLE_DATASET_DIR, SAMPLE_TEXT_CAPTION_PREFI
 from tailoredgen_train.data.caption_format import unknown_fields
 from tailoredgen_train.errors import InvalidParameterError
 from tailoredgen_train.fixtures.tiny_vlm import TINY_MAX_PIXELS
-from tailoredgen_train.service.captioning import normalize_visual_schema, read_images
+from tailoredgen_train.service.captioning import caption_status, normalize_visual_schema, read_images
 from tailoredgen_train.service.db import Database, Image
 from tailoredgen_train.service.deps import UnsupportedImageError
 
@@ -205,9 +205,14 @@ def test_a_caption_that_fails_leaves_no_caption_and_says_why(server, api):
     server.service.captioning.submit(lambda c: setattr(c, "max_new_tokens", 20)).result(timeout=120)
     try:  # a token budget below any caption: every attempt runs out, the retry too
         image = upload(api, dataset_id, sample_paths(1)[0])
-        failed = captions_settled(api, dataset_id)["images"][0]
+        settled = captions_settled(api, dataset_id)
     finally:
         captioner.max_new_tokens = None
+    failed = settled["images"][0]
+    assert settled["captions_update_status"] == "completed"  # settled, so that a poll for completed ends
+    assert caption_status(server.service, dataset_id) == {"captions_update_status": "completed", "images": 1,
+                                                          "pending": 0, "automatic": 0, "manual": 0, "failed": 1,
+                                                          "none": 0}
     assert failed["id"] == image["id"] and failed["caption_source"] == "failed" and failed["caption"] is None
     assert failed["caption_error"]["code"] == "caption_failed"
     assert "token budget (20) ran out" in failed["caption_error"]["message"]

@@ -80,6 +80,8 @@ def _settings(tmp_path, **overrides):
     ({"generation_resolution": {"bria-3.2": 128}}, "--generation-resolution given for bria-3.2 but no --base"),
     ({"generation_resolution": {"fibo": 32}}, "--generation-resolution fibo=32: use an integer in 64..4096"),
     ({"generation_queue_size": 0}, "generation_queue_size"),
+    ({"vlm": "briaai/FIBO-vlm", "vlm_string_tokens": 0}, "vlm_string_tokens must be >= 1"),
+    ({"vlm_max_pixels": 4096}, "vlm_max_pixels is given but no captioning model: add --vlm"),
 ])
 def test_settings_name_what_is_wrong(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("-", r"\-").replace(".", r"\.")):

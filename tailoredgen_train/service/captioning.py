@@ -267,8 +267,8 @@ class CaptioningWorker:
                 for (item, _), result in zip(pictures, results):
                     outcomes[item] = (result.caption, result.code, result.detail)
         except Exception as exc:
-            error = self._public_error(exc)
-            log.error("captioning dataset %s failed", batch.dataset_id, exc_info=exc)
+            error = self._public_error(exc)  # logs the details of what it does not pass on
+            log.warning("captioning dataset %s failed: %s", batch.dataset_id, error)
             for item, _ in pictures:
                 outcomes[item] = (None, error.code, error.message)
         self._store(outcomes)

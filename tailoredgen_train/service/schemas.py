@@ -208,7 +208,8 @@ class DatasetOut(BaseModel):
     status: Literal["draft", "completed"]
     upload_type: str
     captions_update_status: Literal["empty", "in_progress", "completed"] = Field(description=(
-        "in_progress while any caption is pending; completed once all have settled"))
+        "in_progress while any caption is pending; completed once none is (failed ones included); empty while no "
+        "image has a caption"))
     images_count: int
     created_at: str
     updated_at: str

@@ -80,8 +80,10 @@ class ServiceSettings:
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         for name, value in (("vlm_string_tokens", self.vlm_string_tokens), ("vlm_max_pixels", self.vlm_max_pixels)):
-            if value is not None and (self.vlm is None or value < 1):
-                raise ConfigError(f"{name} must be >= 1 and needs a captioning model (--vlm), got {value}")
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+            if value is not None and self.vlm is None:
+                raise ConfigError(f"{name} is given but no captioning model: add --vlm ID_OR_DIR")
         if self.poll_interval_s <= 0 or self.stop_grace_s <= 0:
             raise ConfigError("poll_interval_s and stop_grace_s must be positive")
         for flag, given in (("--engine-config", self.engine_configs), ("--generation-resolution",

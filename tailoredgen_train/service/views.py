@@ -46,17 +46,20 @@ def image_view(image: Image) -> dict[str, Any]:
 
 
 def caption_counts(session: Session, dataset_id: int) -> dict[str, int]:
-    """How many images the dataset has, how many wait for the captioning worker, how many have a caption."""
-    images, pending, captioned = session.execute(
-        select(func.count(), func.count(case((Image.caption_source == "pending", 1))), func.count(Image.caption))
+    """How many images the dataset has, how many wait for the captioning worker, and how many have
+    a settled caption_source (manual, automatic or failed)."""
+    images, pending, settled = session.execute(
+        select(func.count(), func.count(case((Image.caption_source == "pending", 1))),
+               func.count(case((Image.caption_source.in_(("manual", "automatic", "failed")), 1))))
         .where(Image.dataset_id == dataset_id)).one()
-    return {"images": images, "pending": pending, "captioned": captioned}
+    return {"images": images, "pending": pending, "settled": settled}
 
 
 def captions_update_status(counts: dict[str, int]) -> str:
-    """Bria's dataset field: in_progress while any caption is pending, completed once every
-    caption has settled and at least one image has a caption, empty before that."""
-    return "in_progress" if counts["pending"] else "completed" if counts["captioned"] else "empty"
+    """Bria's dataset field: in_progress while any caption is pending; completed once none is and
+    some image has a caption or a failed attempt (so that a poll for completed ends even when every
+    caption failed); empty before that."""
+    return "in_progress" if counts["pending"] else "completed" if counts["settled"] else "empty"
 
 
 def dataset_view(session: Session, dataset: Dataset, *, images: list[Image] | None = None) -> dict[str, Any]:
