@@ -54,7 +54,6 @@ from tailoredgen_train.fixtures.tiny_vlm import (  # noqa: E402
 )
 
 
-
 def qwen3_vl_4b_config(tokenizer, layers: int | None, vision_layers: int | None) -> Qwen3VLConfig:
     """Qwen3-VL-4B's published shape (FIBO-vlm's base is inferred to be it, not stated by Bria)."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
