@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from ..errors import NotFoundError, TailoredGenError
+from .access import Caller
 from .core import Service
 from .db import Model
 
@@ -52,9 +53,14 @@ def caller(request: Request, api_token: str | None = Header(default=None, alias=
     return who
 
 
-def model_or_404(session: Session, model_id: int) -> Model:
+def caller_of(request: Request) -> Caller:
+    """The authenticated caller of a request that went through `caller` (or the console's sign-in)."""
+    return Caller(request.state.caller)
+
+
+def model_or_404(session: Session, model_id: int, caller: Caller) -> Model:
     model = session.get(Model, model_id)
-    if model is None or model.status == "Deleted":
+    if model is None or model.status == "Deleted" or not caller.sees(model):
         raise NotFoundError(f"Model not found: there is no model {model_id}")
     return model
 
