@@ -5,6 +5,7 @@ never app.py (which imports the routes)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import Header, Request
@@ -74,3 +75,15 @@ def signed_url(service: Service, request: Request, path: str) -> tuple[str, int]
     """A pre-signed link to `path` (under FILES_PREFIX) and its expiry (Unix time)."""
     expires, signature = service.signer.sign(path, service.settings.download_url_ttl_s)
     return f"{public_base_url(service, request)}{path}?expires={expires}&signature={signature}", expires
+
+
+def file_inside(folder: Path, name: str) -> Path:
+    """folder/name when it is a file that resolves inside folder (no symlink out of it); else a 404."""
+    path = folder / name
+    try:
+        inside = path.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
+    except OSError:
+        inside = False
+    if not inside or not path.is_file():
+        raise NotFoundError(f"the file {name} no longer exists")
+    return path
