@@ -60,7 +60,7 @@ def generate_form(request: Request, model_id: Annotated[int | None, Query(ge=1, 
 
 
 @router.post("/generate")
-def generate(request: Request, form: FormData = Depends(checked_form), caller: Caller = Depends(console_caller)):
+def generate(request: Request, caller: Caller = Depends(console_caller), form: FormData = Depends(checked_form)):
     service = service_of(request)
     model_id = form_id(form.get("model_id"))
     step_text = form.get("step") or ""

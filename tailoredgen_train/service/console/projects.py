@@ -53,8 +53,8 @@ def _projects_page(request: Request, caller: Caller, *, status: int = 200, form:
                    refused: FormErrors | None = None):
     with service_of(request).db.transaction() as session:
         projects = [project_view(p) for p in session.scalars(caller.scope(select(Project).order_by(Project.id)))]
-        counts = dict(session.execute(caller.scope(select(Dataset.project_id, func.count()).group_by(Dataset.project_id))
-                                      ).all())
+        per_project = select(Dataset.project_id, func.count()).group_by(Dataset.project_id)
+        counts = dict(session.execute(caller.scope(per_project)).all())
     return page(request, "projects.html", status=status, title="Projects", projects=projects, dataset_counts=counts,
                 form=form or {}, ip_mediums=IP_MEDIUMS, ip_types=IP_TYPES, **(refused.context() if refused else {}))
 
@@ -65,7 +65,7 @@ def list_projects(request: Request, caller: Caller = Depends(console_caller)):
 
 
 @router.post("/projects")
-def create_project(request: Request, form: FormData = Depends(checked_form), caller: Caller = Depends(console_caller)):
+def create_project(request: Request, caller: Caller = Depends(console_caller), form: FormData = Depends(checked_form)):
     values = fields(form, ("project_name", "project_description", "ip_name", "ip_description", "ip_medium",
                            "ip_type"))
     try:
@@ -101,7 +101,7 @@ def show_project(request: Request, project_id: Id, caller: Caller = Depends(cons
 
 
 @router.post("/datasets")
-def create_dataset(request: Request, form: FormData = Depends(checked_form), caller: Caller = Depends(console_caller)):
+def create_dataset(request: Request, caller: Caller = Depends(console_caller), form: FormData = Depends(checked_form)):
     values = fields(form, ("project_id", "name", "training_version", "caption_prefix"))
     try:
         dataset = datasets.create_dataset(service_of(request), DatasetCreate(**values), caller)
@@ -152,8 +152,8 @@ def show_dataset(request: Request, dataset_id: Id, caller: Caller = Depends(cons
 
 
 @router.post("/datasets/{dataset_id}/images")
-def upload_images(request: Request, dataset_id: Id, form: FormData = Depends(checked_form),
-                  caller: Caller = Depends(console_caller)):
+def upload_images(request: Request, dataset_id: Id, caller: Caller = Depends(console_caller),
+                  form: FormData = Depends(checked_form)):
     """Several files in one form; each is added as POST /datasets/{id}/images adds one, and the page
     lists each file's result (the API's error code and message when it was refused)."""
     service = service_of(request)
@@ -185,8 +185,8 @@ def image_thumbnail(request: Request, dataset_id: Id, image_id: Id, caller: Call
 
 
 @router.post("/datasets/{dataset_id}/images/{image_id}/caption")
-def save_caption(request: Request, dataset_id: Id, image_id: Id, form: FormData = Depends(checked_form),
-                 caller: Caller = Depends(console_caller)):
+def save_caption(request: Request, dataset_id: Id, image_id: Id, caller: Caller = Depends(console_caller),
+                 form: FormData = Depends(checked_form)):
     text = textarea(form, "caption") or ""
     try:
         datasets.update_caption(service_of(request), dataset_id, image_id, CaptionUpdate(caption=text), caller)
@@ -199,8 +199,8 @@ def save_caption(request: Request, dataset_id: Id, image_id: Id, form: FormData 
 
 
 @router.post("/datasets/{dataset_id}/images/{image_id}/regenerate")
-def regenerate_caption(request: Request, dataset_id: Id, image_id: Id, form: FormData = Depends(checked_form),
-                       caller: Caller = Depends(console_caller)):
+def regenerate_caption(request: Request, dataset_id: Id, image_id: Id, caller: Caller = Depends(console_caller),
+                       form: FormData = Depends(checked_form)):
     """HOOK(captioning): the API's regenerate_caption, through the same function."""
     try:
         datasets.update_caption(service_of(request), dataset_id, image_id, CaptionUpdate(regenerate_caption=True),
@@ -215,8 +215,8 @@ def regenerate_caption(request: Request, dataset_id: Id, image_id: Id, form: For
 
 
 @router.post("/datasets/{dataset_id}/images/{image_id}/delete")
-def delete_image(request: Request, dataset_id: Id, image_id: Id, form: FormData = Depends(checked_form),
-                 caller: Caller = Depends(console_caller)):
+def delete_image(request: Request, dataset_id: Id, image_id: Id, caller: Caller = Depends(console_caller),
+                 form: FormData = Depends(checked_form)):
     try:
         datasets.delete_image(service_of(request), dataset_id, image_id, caller)
     except TailoredGenError as exc:
@@ -225,8 +225,8 @@ def delete_image(request: Request, dataset_id: Id, image_id: Id, form: FormData 
 
 
 @router.post("/datasets/{dataset_id}/complete")
-def complete_dataset(request: Request, dataset_id: Id, form: FormData = Depends(checked_form),
-                     caller: Caller = Depends(console_caller)):
+def complete_dataset(request: Request, dataset_id: Id, caller: Caller = Depends(console_caller),
+                     form: FormData = Depends(checked_form)):
     """PUT /datasets/{id} {"status": "completed"}: the preflight's findings are listed when it refuses."""
     try:
         datasets.update_dataset(service_of(request), dataset_id, DatasetUpdate(status="completed"), caller)

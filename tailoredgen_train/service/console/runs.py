@@ -89,7 +89,7 @@ def list_models(request: Request, caller: Caller = Depends(console_caller)):
 
 
 @router.post("/models")
-def create_model(request: Request, form: FormData = Depends(checked_form), caller: Caller = Depends(console_caller)):
+def create_model(request: Request, caller: Caller = Depends(console_caller), form: FormData = Depends(checked_form)):
     values = fields(form, ("name", "dataset_id", "training_mode", "description"))
     try:
         model = models.create_model(service_of(request), ModelCreate(**values), caller)
@@ -154,8 +154,8 @@ def show_model(request: Request, model_id: Id, caller: Caller = Depends(console_
 
 
 @router.post("/models/{model_id}/start")
-def start_model(request: Request, model_id: Id, form: FormData = Depends(checked_form),
-                caller: Caller = Depends(console_caller)):
+def start_model(request: Request, model_id: Id, caller: Caller = Depends(console_caller),
+                form: FormData = Depends(checked_form)):
     body = start_fields(form)
     try:
         models.start_model(service_of(request), model_id, body, caller)
@@ -166,8 +166,8 @@ def start_model(request: Request, model_id: Id, form: FormData = Depends(checked
 
 
 @router.post("/models/{model_id}/stop")
-def stop_model(request: Request, model_id: Id, form: FormData = Depends(checked_form),
-               caller: Caller = Depends(console_caller)):
+def stop_model(request: Request, model_id: Id, caller: Caller = Depends(console_caller),
+               form: FormData = Depends(checked_form)):
     try:
         models.stop_model(service_of(request), model_id, caller)
     except TailoredGenError as exc:

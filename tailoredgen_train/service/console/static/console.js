@@ -89,7 +89,7 @@ function node(parent, name, attributes, text) {
 
 function tick(value) {
   const magnitude = Math.abs(value);
-  return magnitude !== 0 && (magnitude < 1e-2 || magnitude >= 1e4) ? value.toExponential(1) : +value.toPrecision(3) + "";
+  return magnitude !== 0 && (magnitude < 1e-2 || magnitude >= 1e4) ? value.toExponential(2) : +value.toPrecision(3) + "";
 }
 
 // One curve (and for the loss, its smoothed line) over steps 0..total, drawn into an SVG.
@@ -181,7 +181,7 @@ if (run) {
       drawChart(document.getElementById("loss-chart"), state.points, 1, total(), true);
       drawChart(document.getElementById("lr-chart"), state.points, 2, total(), false);
       const log = document.getElementById("run-log");
-      const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
+      const atBottom = state.renders === null || log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
       log.textContent = body.log.join("\n");
       if (atBottom) log.scrollTop = log.scrollHeight;
       const renders = body.renders.join(",") + "/" + body.checkpoints;
