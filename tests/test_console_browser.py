@@ -215,7 +215,7 @@ def test_the_console_walkthrough_in_chromium(browser, server, shots):
     assert page.locator("#render-0 img").count() == page.locator("#render-100 img").count() == 2
     _wait_until(page, "[...document.querySelectorAll('#render-100 img')].every(i => i.complete && i.naturalWidth)")
 
-    page.wait_for_selector("#run-status:text('Completed')", timeout=240_000)  # the page reloads when it ends
+    page.wait_for_selector("#run-status:text('Completed')", timeout=400_000)  # the page reloads when it ends
     assert page.locator("#run-step").inner_text() == "200"
     assert page.locator("#checkpoints li").count() == 2
     assert int(page.locator("#loss-chart").get_attribute("data-count")) == 200

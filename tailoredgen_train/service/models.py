@@ -56,7 +56,7 @@ class _ClaimThenSubmit:
         self.service.runner.submit(self.model_id, job)
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+def _parse_body(raw: bytes) -> dict[str, Any]:
     """start_training's raw JSON body; an empty body takes every default."""
     if not raw.strip():
         return {}
@@ -85,7 +85,7 @@ def start_model(service: Service, model_id: int, request: bytes | Mapping[str, A
                                        training_version=dataset.training_version,
                                        path=str(service.dataset_dir(dataset.id)), caption_prefix=dataset.caption_prefix)
     check_can_start(model_record, dataset_record)  # 409 and 412 come before any complaint about the body
-    fields = parse_body(request) if isinstance(request, bytes) else dict(request)
+    fields = _parse_body(request) if isinstance(request, bytes) else dict(request)
     family = service.family_of(model.training_version)
     launcher = _ClaimThenSubmit(service, model_id, caller.token_id,
                                 generation_prefix(model.training_version, dataset.caption_prefix))
