@@ -5,6 +5,7 @@ never app.py (which imports the routes)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import Header, Request
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from ..errors import NotFoundError, TailoredGenError
+from .access import Caller
 from .core import Service
 from .db import Model
 
@@ -52,9 +54,14 @@ def caller(request: Request, api_token: str | None = Header(default=None, alias=
     return who
 
 
-def model_or_404(session: Session, model_id: int) -> Model:
+def caller_of(request: Request) -> Caller:
+    """The authenticated caller of a request that went through `caller` (or the console's sign-in)."""
+    return Caller(request.state.caller)
+
+
+def model_or_404(session: Session, model_id: int, caller: Caller) -> Model:
     model = session.get(Model, model_id)
-    if model is None or model.status == "Deleted":
+    if model is None or model.status == "Deleted" or not caller.sees(model):
         raise NotFoundError(f"Model not found: there is no model {model_id}")
     return model
 
@@ -68,3 +75,15 @@ def signed_url(service: Service, request: Request, path: str) -> tuple[str, int]
     """A pre-signed link to `path` (under FILES_PREFIX) and its expiry (Unix time)."""
     expires, signature = service.signer.sign(path, service.settings.download_url_ttl_s)
     return f"{public_base_url(service, request)}{path}?expires={expires}&signature={signature}", expires
+
+
+def file_inside(folder: Path, name: str) -> Path:
+    """folder/name when it is a file that resolves inside folder (no symlink out of it); else a 404."""
+    path = folder / name
+    try:
+        inside = path.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
+    except OSError:
+        inside = False
+    if not inside or not path.is_file():
+        raise NotFoundError(f"the file {name} no longer exists")
+    return path
