@@ -1,7 +1,9 @@
 # make demo: set up .venv and train the embedded tiny FIBO base on the sample dataset (CPU is fine);
 #            make demo VERSION=3.2 / VERSION=2.3 does the same for a legacy family.
-# make serve: the HTTP service on the tiny FIBO base at http://127.0.0.1:8000 (docs at /docs).
-# make test: set up .venv and run the whole test suite (what CI runs through .ci/run).
+# make serve: the HTTP service on the tiny FIBO base at http://127.0.0.1:8000 (docs at /docs, the web
+#             console at /console).
+# make test: set up .venv and run the whole test suite (what CI runs through .ci/run); it installs
+#            Debian's chromium with apt-get when missing, for the web console's browser tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,7 +26,7 @@ DEMO_OUT := runs/demo-$(VERSION)
 DEMO_DATA := --dataset tailoredgen_train/data/sample_dataset_text --caption-prefix "A minimalist flat illustration of"
 endif
 
-.PHONY: setup demo serve test bench-tiny clean
+.PHONY: setup browser demo serve test bench-tiny clean
 
 setup: $(STAMP)
 
@@ -54,7 +56,13 @@ serve: $(STAMP)
 		--data-dir runs/service --base fibo=runs/tiny-fibo-base --engine-config fibo=configs/fibo-tiny.yaml \
 		--generation-resolution fibo=128 --vlm runs/tiny-fibo-vlm --vlm-string-tokens 8 --vlm-max-pixels 16384
 
-test: $(STAMP)
+# the console's browser tests drive Debian's chromium through Playwright (whose own browser download
+# does not work on these machines); without it they are skipped and say why
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo "warning: chromium could not be installed (apt-get install -y chromium); the browser tests will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # the engine's step against Bria's recipe on the tiny base (CPU); --size full on a GPU (docs/PERFORMANCE.md)

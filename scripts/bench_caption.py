@@ -19,9 +19,7 @@ never into tests.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from PIL import Image  # noqa: E402
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
+from tailoredgen_train.benchmark import device_name, peak_memory, reset_peak  # noqa: E402
 from tailoredgen_train.captioning.captioner import Captioner  # noqa: E402
 from tailoredgen_train.captioning.constrained import CaptionConstraint  # noqa: E402
 from tailoredgen_train.captioning.grammar import CaptionLimits  # noqa: E402
@@ -53,8 +52,6 @@ from tailoredgen_train.fixtures.tiny_vlm import (  # noqa: E402
     build_tokenizer,
     make_tiny_vlm,
 )
-
-GIB = 2**30
 
 
 def qwen3_vl_4b_config(tokenizer, layers: int | None, vision_layers: int | None) -> Qwen3VLConfig:
@@ -114,24 +111,6 @@ def synthetic_images(count: int, side: int) -> list[Image.Image]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_max_rss"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +218,7 @@ def unconstrained_run(captioner: Captioner, images: list[Image.Image], batch_siz
 
 def report(common: dict, mode: str, seconds: float, tokens: int, steps: int, failed: int,
            device: torch.device) -> dict:
-    peak_gib, peak_kind = peak(device)
+    peak_gib, peak_kind = peak_memory(device)
     return {**common, "mode": mode, "seconds": round(seconds, 3), "images_per_s": round(common["images"] / seconds, 4),
             "tokens_per_caption": round(tokens / common["images"]), "tokens_per_s": round(tokens / seconds, 1),
             "ms_per_step": round(1000 * seconds / max(steps, 1), 3), "peak_gib": round(peak_gib, 3),

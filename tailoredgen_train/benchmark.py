@@ -214,13 +214,13 @@ def write_dataset(directory: Path, *, count: int, resolution: int, text_tokens: 
     return directory
 
 
-def _peak(device: torch.device) -> tuple[float, str]:
+def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_max_rss"
 
 
-def _reset_peak(device: torch.device) -> None:
+def reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -233,13 +233,13 @@ def _time_render(trainer, device: torch.device) -> dict:
     timed twice (the first pays for loading), with its own peak memory beside the step's."""
     validator = trainer.validator
     validator.render(trainer.denoiser, 0)  # loads the renderer's components; not timed
-    _reset_peak(device)
+    reset_peak(device)
     started = time.perf_counter()
     images = validator.render(trainer.denoiser, 0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    peak, _ = _peak(device)
+    peak, _ = peak_memory(device)
     validator.release()
     plan = validator.plan
     return {"render_s": round(seconds, 3), "render_prompts": len(plan.prompts),
@@ -254,7 +254,7 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     out = work / recipe
     accelerator = make_accelerator(config, out)
     device = accelerator.device
-    _reset_peak(device)
+    reset_peak(device)
     started = time.perf_counter()
     family = FiboFamily(config.model)
     set_seed(config.run.seed)
@@ -303,11 +303,11 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     setup_s = time.perf_counter() - started
-    peak_setup, _ = _peak(device)
-    _reset_peak(device)
+    peak_setup, _ = peak_memory(device)
+    reset_peak(device)
 
     history = trainer.train()
-    peak, peak_kind = _peak(device)
+    peak, peak_kind = peak_memory(device)
     render = _time_render(trainer, device) if trainer.validator is not None else {}
     timed = [r.seconds for r in history[options.warmup:]]
     s_per_step = statistics.median(timed)
@@ -358,5 +358,5 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     }
     accelerator.free_memory()  # drops accelerate's references, so the next recipe starts from an empty device
     del trainer, setup, model, family
-    _reset_peak(device)
+    reset_peak(device)
     return report

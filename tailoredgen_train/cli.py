@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
 
-    serve = commands.add_parser("serve", help="run the Tailored Generation HTTP service (FastAPI + uvicorn)")
+    serve = commands.add_parser("serve", help="run the Tailored Generation HTTP service (FastAPI + uvicorn) and its "
+                                              "web console (/console)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default="tailoredgen-data", help="SQLite database, datasets and run folders")

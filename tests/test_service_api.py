@@ -571,7 +571,7 @@ def test_an_upload_that_fails_after_storing_its_file_leaves_no_file(api, server,
 
     def fail(image):
         raise RuntimeError("the transaction dies after the file was moved into place")
-    monkeypatch.setattr("tailoredgen_train.service.routes_datasets.image_view", fail)
+    monkeypatch.setattr("tailoredgen_train.service.datasets.image_view", fail)
     response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("x.png", _png(128, 128))})
     assert response.status_code == 500
     monkeypatch.undo()

@@ -25,9 +25,11 @@ from tailoredgen_train.data import SAMPLE_DATASET_DIR, SAMPLE_TEXT_CAPTION_PREFI
 from tailoredgen_train.data.caption_format import unknown_fields
 from tailoredgen_train.errors import InvalidParameterError
 from tailoredgen_train.fixtures.tiny_vlm import TINY_MAX_PIXELS
-from tailoredgen_train.service.captioning import caption_status, normalize_visual_schema, read_images
+from tailoredgen_train.service.captioning import normalize_visual_schema
+from tailoredgen_train.service.access import Caller
+from tailoredgen_train.service.captions import caption_status, read_images
 from tailoredgen_train.service.db import Database, Image
-from tailoredgen_train.service.deps import UnsupportedImageError
+from tailoredgen_train.service.datasets import UnsupportedImageError
 
 SCHEMA = {"style_medium": "digital illustration", "lighting": {"conditions": "flat studio light"}}
 VLM_SETTINGS = {"vlm_string_tokens": 3, "vlm_max_pixels": TINY_MAX_PIXELS // 4}  # short captions, small images
@@ -210,7 +212,7 @@ def test_a_caption_that_fails_leaves_no_caption_and_says_why(server, api):
         captioner.max_new_tokens = None
     failed = settled["images"][0]
     assert settled["captions_update_status"] == "completed"  # settled, so that a poll for completed ends
-    assert caption_status(server.service, dataset_id) == {"captions_update_status": "completed", "images": 1,
+    assert caption_status(server.service, dataset_id, Caller("test")) == {"captions_update_status": "completed", "images": 1,
                                                           "pending": 0, "automatic": 0, "manual": 0, "failed": 1,
                                                           "none": 0}
     assert failed["id"] == image["id"] and failed["caption_source"] == "failed" and failed["caption"] is None

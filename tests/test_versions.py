@@ -26,7 +26,8 @@ def test_each_version_runs_a_short_job_with_its_defaults(version, caplog, tiny_f
     caplog.set_level("INFO", logger="tailoredgen_train")
     code = main(["train", "--base", str(base), *data, "--output", str(tmp_path / "out"), "--training-version", version,
                  "--config", str(REPO / "configs" / f"{family}-tiny.yaml"), "--set", "run.log_with=none",
-                 "--set", "run.stop_after_steps=2"])  # the defaults' 750/1500 steps, cut short
+                 "--set", "run.stop_after_steps=2",  # the defaults' 750/1500 steps, cut short
+                 "--set", "validation.enabled=false"])  # renders are tested in test_validation.py
     out = caplog.text  # the startup summary is a log line (the console's and train.log's)
     assert code == 0
 

@@ -1,7 +1,8 @@
 """The HTTP service: `create_app(settings)` builds the FastAPI app; `serve()` runs it under uvicorn.
 
 Every endpoint (/tailored-gen, and the generation endpoints under /v2 and /v1) except the pre-signed
-files needs the api_token header and counts against the token's request rate. Errors leave as Bria
+files needs the api_token header and counts against the token's request rate (the web console under
+/console signs in with the same tokens, console/session.py). Errors leave as Bria
 documents them: 400 `{"errors": [...]}` for bad fields, `{"message": ...}` otherwise, and a 500 that
 carries only a request id (the log line with that id has the details).
 """
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidParameterError, RateLimitedError, TailoredGenError
+from .console import mount_console
 from .core import Service
 from .deps import AsciiJSONResponse, caller
 from .generation import PromptExpander
@@ -120,6 +122,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
     app.include_router(models_router, prefix="/tailored-gen", dependencies=authenticated)
     app.include_router(generation_router, dependencies=authenticated)  # Bria's /v2 and /v1 paths
     app.include_router(files_router, prefix="/tailored-gen")  # pre-signed: the signature is the credential
+    mount_console(app)  # /console: the web console (its own sign-in cookie; not in the OpenAPI description)
     return app
 
 

@@ -77,4 +77,8 @@ class UrlSigner:
                                     "GET /tailored-gen/models/{model_id}/download")
 
     def _signature(self, path: str, expires: int) -> str:
-        return hmac.new(self._key, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+        return self.digest(f"{path}\n{expires}")
+
+    def digest(self, message: str) -> str:
+        """HMAC-SHA256 of `message` with the service's secret (hex); callers prefix their own purpose."""
+        return hmac.new(self._key, message.encode(), hashlib.sha256).hexdigest()

@@ -1,5 +1,6 @@
 """Automatic captions in the service: the captioning worker (one warm FIBO-VLM `Captioner`, one
-thread) and the functions routes and the console call.
+thread). What routes and the console call (queue a caption, ask for a visual schema) is in
+captions.py.
 
 The database is the queue. An image waiting for its caption is a row with caption_source
 "pending"; the worker claims a batch of them from one dataset (one caption format, visual schema
@@ -20,16 +21,13 @@ released in kernels); the VLM and the FIBO pipeline then share the accelerator.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
-import re
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,31 +35,22 @@ from typing import Any, TypeVar
 
 import torch
 from PIL import Image as PILImage
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from ..contract import is_fibo
-from ..data.images import ImageProblem, decode_rgb, load_rgb
-from ..errors import (CaptionInputError, FieldError, InvalidParameterError, OutOfMemoryError, RateLimitedError,
-                      TailoredGenError)
+from ..data.images import ImageProblem, load_rgb
+from ..errors import CaptionInputError, InvalidParameterError, OutOfMemoryError, RateLimitedError, TailoredGenError
 from .db import Database, Dataset, Image, utcnow
-from .deps import (BadRequestError, UnsupportedImageError, UploadTooLargeError, dataset_or_404, image_or_404,
-                   require_draft)
-from .schemas import MAX_IMAGE_BYTES
 from .settings import ServiceSettings
-from .views import caption_counts, captions_update_status, dataset_view, image_view
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PENDING, AUTOMATIC, MANUAL, FAILED = "pending", "automatic", "manual", "failed"
 BATCH_SIZE = 8  # images per generate call
 MAX_WAITING_TASKS = 32  # answers waited for (visual schema, prefix, refine, prompts); beyond: 429
-FETCH_TIMEOUT_S = 20.0  # a URL image: the whole download
-MAX_DECODED_PIXELS = 40_000_000
-VLM_IMAGE_SIDE = 2048  # decoded images are shrunk to this before they wait for the VLM (which takes ~1 MP)
 NO_VLM = ("Automatic captioning needs a captioning model, and this server has none. The operator enables it with "
           "`tailoredgen-train serve --vlm briaai/FIBO-vlm` (or --vlm DIR, a local Qwen3-VL). Until then, send "
           "captions with the images (caption field) or set them with PUT /tailored-gen/datasets/{id}/images/{image_id}.")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 class CaptioningUnavailableError(TailoredGenError):
@@ -316,14 +305,14 @@ class VlmPromptExpander:
         return future.result()
 
 
-# ---- what routes and the console call ------------------------------------------------------------
+# ---- the rules of the queue's rows (datasets.py and captions.py apply them) ----------------------
 
 
-def captions_uploads(service, dataset: Dataset) -> bool:
+def captions_uploads(worker: CaptioningWorker, dataset: Dataset) -> bool:
     """Whether an image uploaded without a caption gets one automatically: with a captioning model,
     for a legacy dataset, or a FIBO dataset with a visual schema (as Bria: without one, FIBO uploads
     wait for Regenerate All Captions)."""
-    return service.captioning.enabled and (dataset.visual_schema is not None or not is_fibo(dataset.training_version))
+    return worker.enabled and (dataset.visual_schema is not None or not is_fibo(dataset.training_version))
 
 
 def set_manual_caption(image: Image, caption: str) -> None:
@@ -332,103 +321,16 @@ def set_manual_caption(image: Image, caption: str) -> None:
     _clear_request(image)
 
 
-def regenerate_captions(service, dataset_id: int) -> dict[str, Any]:
-    """Bria's Regenerate All Captions: every image of a draft dataset is queued for a new automatic
-    caption (manual ones included). Returns the dataset's view (captions_update_status in_progress
-    when it has images)."""
-    with service.db.transaction() as session:
-        dataset = dataset_or_404(session, dataset_id)
-        service.captioning.require()
-        require_draft(dataset, "regenerate captions")
-        for image in session.scalars(select(Image).where(Image.dataset_id == dataset_id)):
-            _queue(image)
-        dataset.updated_at = utcnow()
-        session.flush()
-        view = dataset_view(session, dataset)
-    service.captioning.wake()
-    return view
+def queue_caption(image: Image) -> None:
+    """Mark the image for a new automatic caption (the worker's queue is the pending rows)."""
+    image.caption, image.caption_source = None, PENDING
+    _clear_request(image)
 
 
-def regenerate_caption(service, dataset_id: int, image_id: int) -> dict[str, Any]:
-    """One image's new automatic caption (PUT .../images/{image_id} with regenerate_caption)."""
-    with service.db.transaction() as session:
-        dataset = dataset_or_404(session, dataset_id)
-        image = image_or_404(session, dataset_id, image_id)
-        service.captioning.require()
-        require_draft(dataset, "update captions")
-        _queue(image)
-        view = image_view(image)
-    service.captioning.wake()
-    return view
-
-
-def caption_status(service, dataset_id: int) -> dict[str, Any]:
-    """Where a dataset's captions stand: captions_update_status and the images by caption_source
-    (`none`: no caption and none coming)."""
-    with service.db.transaction() as session:
-        dataset_or_404(session, dataset_id)
-        counts = caption_counts(session, dataset_id)
-        sources = dict(session.execute(select(Image.caption_source, func.count())
-                                       .where(Image.dataset_id == dataset_id).group_by(Image.caption_source)).all())
-    by_source = {name: sources.get(name, 0) for name in (PENDING, AUTOMATIC, MANUAL, FAILED)}
-    return {"captions_update_status": captions_update_status(counts), "images": counts["images"], **by_source,
-            "none": sources.get(None, 0)}
-
-
-def request_visual_schema(service, images: Sequence[str], field: str = "images") -> Future[dict[str, Any]]:
-    """A visual schema (the caption values most of 5 to 10 images share) from base64 or URL images."""
-    service.captioning.require()
-    pictures = read_images(images, field)
-    return service.captioning.submit(lambda captioner: captioner.visual_schema(pictures))
-
-
-def request_refine(service, dataset_id: int, structured_prompt: str, instruction: str) -> Future[str]:
-    """Bria's refine_structured_prompt: `structured_prompt` (a visual schema or a caption of a draft
-    FIBO dataset) with `instruction` applied, as compact JSON."""
-    service.captioning.require()
-    with service.db.transaction() as session:
-        dataset = dataset_or_404(session, dataset_id)
-        if not is_fibo(dataset.training_version):
-            raise BadRequestError(f"dataset {dataset_id} is a legacy dataset with plain-text captions; "
-                                  "refine_structured_prompt edits FIBO's structured JSON")
-        if dataset.status != "draft":
-            raise BadRequestError(f"dataset {dataset_id} is completed: refine_structured_prompt works for draft "
-                                  "datasets only")
-    try:
-        compact = json.dumps(json.loads(structured_prompt), separators=(",", ":"), ensure_ascii=False)
-        if not compact.startswith("{"):
-            raise ValueError("it is not a JSON object")
-    except ValueError as e:
-        raise InvalidParameterError.single("structured_prompt", structured_prompt[:200],
-                                           f"a structured prompt is a JSON object as a string: {e}") from None
-    if not instruction.strip():
-        raise InvalidParameterError.single("instruction", instruction, "the instruction is empty")
-    return service.captioning.submit(lambda captioner: captioner.refine(compact, instruction))
-
-
-def request_caption_prefix(service, images: Sequence[str], field: str, *, ip_medium: str | None = None,
-                           ip_name: str | None = None, dataset_id: int | None = None) -> Future[str]:
-    """Bria's generate_prefix: a legacy caption prefix from 1 to 6 images (the rule is in
-    captioning/prefix.py). With `dataset_id`, the dataset must be a legacy draft."""
-    service.captioning.require()
-    if dataset_id is not None:
-        with service.db.transaction() as session:
-            dataset = dataset_or_404(session, dataset_id)
-            if is_fibo(dataset.training_version):
-                raise InvalidParameterError.single(
-                    "dataset_id", dataset_id, "a FIBO dataset has no caption prefix: its captions are structured JSON "
-                    "kept consistent by a visual schema (POST /tailored-gen/generate_visual_schema)")
-            require_draft(dataset, "change the caption_prefix")
-    pictures = read_images(images, field)
-
-    def prefix(captioner) -> str:
-        from ..captioning.prefix import common_caption_prefix
-
-        results = captioner.caption_images(pictures, caption_format="text")
-        captions = [r.caption for r in results if r.ok and r.caption.strip()]
-        return common_caption_prefix(captions or [""], ip_medium=ip_medium, ip_name=ip_name)
-
-    return service.captioning.submit(prefix)
+def _clear_request(image: Image) -> None:
+    image.caption_request = (image.caption_request or 0) + 1
+    image.caption_worker = image.caption_error_code = image.caption_error = None
+    image.updated_at = utcnow()
 
 
 def normalize_visual_schema(text: str, field: str = "visual_schema") -> str:
@@ -445,82 +347,3 @@ def normalize_visual_schema(text: str, field: str = "visual_schema") -> str:
         message = e.message if isinstance(e, CaptionInputError) else f"a visual schema is a JSON object as a string: {e}"
         raise InvalidParameterError.single(field, text[:200], message) from None
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-# ---- images sent by value or by URL ----------------------------------------------------------------
-
-
-def read_images(values: Sequence[str], field: str) -> list[PILImage.Image]:
-    """Decode base64 images (a data: URI too) and fetch http(s) ones, each at most MAX_IMAGE_BYTES:
-    400 naming `field.N` for a bad value or URL, 413 for a larger image, 415 for one that is not a
-    jpg, png or webp image."""
-    pictures = []
-    for index, value in enumerate(values):
-        name = f"{field}.{index}"
-        value = value.strip()
-        scheme = _SCHEME.match(value)
-        if scheme and scheme.group(1).lower() in ("http", "https"):
-            data = _fetch(value, name)
-        elif scheme and scheme.group(1).lower() != "data":
-            raise _bad(name, value, f"only http and https URLs are fetched, not {scheme.group(1)}:")
-        else:
-            data = _base64(value, name)
-        try:
-            picture = decode_rgb(data, max_pixels=MAX_DECODED_PIXELS)
-        except ImageProblem as e:
-            raise UnsupportedImageError(f"Unsupported image in {name} ({e.reason}): {e.detail}. Send a jpg, png or "
-                                        "webp image.") from None
-        picture.thumbnail((VLM_IMAGE_SIDE, VLM_IMAGE_SIDE))
-        pictures.append(picture)
-    return pictures
-
-
-def _base64(value: str, name: str) -> bytes:
-    if value.startswith("data:"):
-        header, _, value = value.partition(",")
-        if not header.endswith(";base64"):
-            raise _bad(name, header, "a data: URI must be base64 (data:image/png;base64,...)")
-    try:
-        data = base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise _bad(name, value, "not a base64-encoded image or an http(s) URL") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise UploadTooLargeError(f"{name} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
-    return data
-
-
-def _fetch(url: str, name: str) -> bytes:
-    """GET `url` (redirects followed, http(s) only), at most MAX_IMAGE_BYTES in FETCH_TIMEOUT_S."""
-    import httpx
-
-    deadline = time.monotonic() + FETCH_TIMEOUT_S
-    data = bytearray()
-    try:
-        with httpx.Client(timeout=FETCH_TIMEOUT_S, follow_redirects=True, max_redirects=3) as client, \
-                client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise _bad(name, url, f"fetching it answered HTTP {response.status_code}")
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) > MAX_IMAGE_BYTES:
-                    raise UploadTooLargeError(f"{name} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
-                if time.monotonic() > deadline:
-                    raise _bad(name, url, f"the download took more than {FETCH_TIMEOUT_S:.0f} s")
-    except httpx.HTTPError as e:
-        raise _bad(name, url, f"cannot fetch it: {type(e).__name__}") from None
-    return bytes(data)
-
-
-def _bad(name: str, value: str, message: str) -> InvalidParameterError:
-    return InvalidParameterError([FieldError(msg=message, field_name=name, field_input=value[:200])])
-
-
-def _queue(image: Image) -> None:
-    image.caption, image.caption_source = None, PENDING
-    _clear_request(image)
-
-
-def _clear_request(image: Image) -> None:
-    image.caption_request = (image.caption_request or 0) + 1
-    image.caption_worker = image.caption_error_code = image.caption_error = None
-    image.updated_at = utcnow()

@@ -56,12 +56,16 @@ class Service:
         except (KeyError, UnknownTrainingVersionError):
             family = None
         if family not in self.settings.bases:
-            served = sorted(v for v, f in self.version_map.items() if f in self.settings.bases)
+            served = self.served_versions()
             raise InvalidParameterError.single(
                 field_name, training_version,
                 f"this deployment does not train {training_version!r}; it serves {', '.join(served) or 'nothing'} "
                 "(the operator adds a family with `serve --base FAMILY=PATH`)")
         return family
+
+    def served_versions(self) -> list[str]:
+        """The training_versions this deployment trains (those whose family has a base)."""
+        return sorted(v for v, f in self.version_map.items() if f in self.settings.bases)
 
     def family(self, name: str) -> ModelFamily:
         """A served family, with the engine config's model options (as its trainings use them)."""

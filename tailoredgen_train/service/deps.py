@@ -1,21 +1,21 @@
 """What the routes share: the service lookup, the api_token dependency, the response class, the
-errors several routes raise, the dataset, image and model lookups and pre-signed links. Routes
-import this module, never app.py (which imports the routes)."""
+errors several routes raise, the model lookup and pre-signed links. Routes import this module,
+never app.py (which imports the routes)."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from ..errors import NotFoundError, TailoredGenError
-from .db import Dataset, Image, Model
-
-if TYPE_CHECKING:  # core imports the captioning functions, which import this module
-    from .core import Service
+from .access import Caller
+from .core import Service
+from .db import Model
 
 FILES_PREFIX = "/tailored-gen/files"
 """Pre-signed files live under here; their signature is the credential (no api_token)."""
@@ -40,16 +40,6 @@ class ConflictError(TailoredGenError):
     http_status = 409
 
 
-class UnsupportedImageError(TailoredGenError):
-    code = "unsupported_image"
-    http_status = 415
-
-
-class UploadTooLargeError(TailoredGenError):
-    code = "upload_too_large"
-    http_status = 413
-
-
 def service_of(request: Request) -> Service:
     return request.app.state.service
 
@@ -64,31 +54,14 @@ def caller(request: Request, api_token: str | None = Header(default=None, alias=
     return who
 
 
-def dataset_or_404(session: Session, dataset_id: int) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFoundError(f"Dataset not found: there is no dataset {dataset_id}")
-    return dataset
+def caller_of(request: Request) -> Caller:
+    """The authenticated caller of a request that went through `caller` (or the console's sign-in)."""
+    return Caller(request.state.caller)
 
 
-def image_or_404(session: Session, dataset_id: int, image_id: int) -> Image:
-    dataset_or_404(session, dataset_id)
-    image = session.get(Image, image_id)
-    if image is None or image.dataset_id != dataset_id:
-        raise NotFoundError(f"Image not found: dataset {dataset_id} has no image {image_id}")
-    return image
-
-
-def require_draft(dataset: Dataset, what: str) -> None:
-    """A completed dataset is frozen (409)."""
-    if dataset.status != "draft":
-        raise ConflictError(f"Cannot {what} in a completed dataset ({dataset.id}): a completed dataset is frozen. "
-                            "Create a new dataset to change its images or captions.")
-
-
-def model_or_404(session: Session, model_id: int) -> Model:
+def model_or_404(session: Session, model_id: int, caller: Caller) -> Model:
     model = session.get(Model, model_id)
-    if model is None or model.status == "Deleted":
+    if model is None or model.status == "Deleted" or not caller.sees(model):
         raise NotFoundError(f"Model not found: there is no model {model_id}")
     return model
 
@@ -102,3 +75,15 @@ def signed_url(service: Service, request: Request, path: str) -> tuple[str, int]
     """A pre-signed link to `path` (under FILES_PREFIX) and its expiry (Unix time)."""
     expires, signature = service.signer.sign(path, service.settings.download_url_ttl_s)
     return f"{public_base_url(service, request)}{path}?expires={expires}&signature={signature}", expires
+
+
+def file_inside(folder: Path, name: str) -> Path:
+    """folder/name when it is a file that resolves inside folder (no symlink out of it); else a 404."""
+    path = folder / name
+    try:
+        inside = path.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
+    except OSError:
+        inside = False
+    if not inside or not path.is_file():
+        raise NotFoundError(f"the file {name} no longer exists")
+    return path

@@ -1,12 +1,13 @@
-"""Bria's captioning endpoints, answered by the captioning worker (captioning.py), never in a handler:
+"""Bria's captioning endpoints, answered by the captioning worker (captioning.py through captions.py),
+never in a handler:
 
     PUT  /tailored-gen/datasets/{dataset_id}/images    Regenerate All Captions (202, asynchronous)
     POST /tailored-gen/generate_visual_schema          5-10 images -> {visual_schema}
     POST /tailored-gen/refine_structured_prompt        a draft FIBO dataset's schema or caption, edited
     POST /tailored-gen/generate_prefix                 1-6 images -> {prefix} (legacy datasets)
 
-Without a captioning model (serve --vlm) each answers 400 with how to enable one. Datasets are
-shared by every token, as the other /tailored-gen endpoints.
+Without a captioning model (serve --vlm) each answers 400 with how to enable one. Every dataset
+lookup goes through the caller (access.py), as the other /tailored-gen endpoints.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
 from ..errors import CaptionFailedError, FieldError, InvalidParameterError
-from .captioning import regenerate_captions, request_caption_prefix, request_refine, request_visual_schema
-from .deps import AsciiJSONResponse, service_of
+from .captions import regenerate_captions, request_caption_prefix, request_refine, request_visual_schema
+from .deps import AsciiJSONResponse, caller_of, service_of
 from .schemas import (ERROR_RESPONSES, MAX_ID, DatasetOut, MessageOut, PrefixOut, PrefixRequest, RefineOut,
                       RefineRequest, VisualSchemaOut, VisualSchemaRequest)
 
@@ -38,7 +39,7 @@ DatasetId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
 def regenerate_all_captions(dataset_id: DatasetId, request: Request) -> dict:
     """Queue a new automatic caption for every image of a draft dataset; poll GET
     /datasets/{dataset_id} until captions_update_status is completed."""
-    return regenerate_captions(service_of(request), dataset_id)
+    return regenerate_captions(service_of(request), dataset_id, caller_of(request))
 
 
 @router.post("/generate_visual_schema", response_model=VisualSchemaOut)
@@ -54,7 +55,7 @@ async def generate_visual_schema(body: VisualSchemaRequest, request: Request) ->
 async def refine_structured_prompt(body: RefineRequest, request: Request) -> Any:
     """A visual schema or a caption of a draft FIBO dataset, with `instruction` applied."""
     future = await run_in_threadpool(request_refine, service_of(request), body.dataset_id, body.structured_prompt,
-                                     body.instruction)
+                                     body.instruction, caller_of(request))
     return await _answer(request, future, lambda refined: {"structured_prompt": refined})
 
 
@@ -72,7 +73,7 @@ async def generate_prefix(body: PrefixRequest, request: Request) -> Any:
                 raise InvalidParameterError([FieldError(msg="an http(s) URL", field_name=f"image_urls.{index}",
                                                         field_input=value[:200])])
     ip_name = body.ip_name if body.ip_type == "defined_character" else None
-    future = await run_in_threadpool(request_caption_prefix, service_of(request), values, field,
+    future = await run_in_threadpool(request_caption_prefix, service_of(request), values, field, caller_of(request),
                                      ip_medium=body.ip_medium, ip_name=ip_name, dataset_id=body.dataset_id)
     return await _answer(request, future, lambda prefix: {"prefix": prefix})
 

@@ -5,7 +5,6 @@ matched against a pattern and the resolved path must stay inside that folder."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -15,7 +14,7 @@ from fastapi.responses import FileResponse
 from ..engine.checkpoint import LORA_FILE
 from ..errors import NotFoundError
 from ..inference.validation import SAMPLES_DIR
-from .deps import service_of
+from .deps import file_inside, service_of
 from .schemas import ERROR_RESPONSES, MAX_ID
 from .views import SAMPLE_FILE
 
@@ -25,18 +24,6 @@ Step = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 Expires = Annotated[int, Query(ge=0, le=MAX_ID)]
 Signature = Annotated[str, Query(max_length=128)]
 PNG = {200: {"content": {"image/png": {}}, "description": "the PNG"}}
-
-
-def _inside(folder: Path, name: str) -> Path:
-    """folder/name when it is a file that resolves inside folder (no symlink out of it)."""
-    path = folder / name
-    try:
-        inside = path.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
-    except OSError:
-        inside = False
-    if not inside or not path.is_file():
-        raise NotFoundError(f"the file {name} no longer exists")
-    return path
 
 
 @router.get("/files/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors",
@@ -60,7 +47,7 @@ def sample_file(request: Request, model_id: ModelId, step: Step,
     service = service_of(request)
     service.signer.verify(request.url.path, expires, signature)
     folder = service.runner.run_dir(model_id) / f"checkpoint-{step}" / SAMPLES_DIR
-    return FileResponse(_inside(folder, file_name), media_type="image/png")
+    return FileResponse(file_inside(folder, file_name), media_type="image/png")
 
 
 @router.get("/files/generations/{request_id}/{file_name}", response_class=FileResponse, responses=PNG)
@@ -70,4 +57,4 @@ def generated_file(request: Request, request_id: Annotated[str, PathParam(patter
     """An image a generation request rendered."""
     service = service_of(request)
     service.signer.verify(request.url.path, expires, signature)
-    return FileResponse(_inside(service.generations.folder(request_id), file_name), media_type="image/png")
+    return FileResponse(file_inside(service.generations.folder(request_id), file_name), media_type="image/png")

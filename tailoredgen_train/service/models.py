@@ -1,0 +1,152 @@
+"""Models and their training: the rules the API and the console share (create, start, stop)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from fastapi import Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..contract import DatasetRecord, ModelRecord, canonical_version, check_can_start, generation_prefix, is_fibo
+from ..engine.run_log import LOG_FILE
+from ..errors import FieldError, InvalidParameterError, NotFoundError
+from ..recipe import JobSpec
+from ..report.metrics import tail_lines
+from ..start import start_training
+from .access import Caller
+from .core import Service
+from .db import Checkpoint, Dataset, Model
+from .deps import FILES_PREFIX, BadRequestError, ConflictError, model_or_404, signed_url
+from .schemas import ModelCreate
+from .views import base_model_view, model_view
+
+MAX_LOG_LINES = 2000
+_LOG_BYTES_PER_LINE = 1024  # what a tail read allows per requested line (long lines are cut at the start)
+
+
+def create_model(service: Service, body: ModelCreate, caller: Caller) -> dict:
+    with service.db.transaction() as session:
+        dataset = session.get(Dataset, body.dataset_id)
+        if dataset is None or not caller.sees(dataset):
+            raise NotFoundError(f"Dataset not found: there is no dataset {body.dataset_id}")
+        version = body.training_version or dataset.training_version
+        if is_fibo(version) != is_fibo(dataset.training_version):
+            raise InvalidParameterError.single(
+                "training_version", version, f"dataset {dataset.id} is a {dataset.training_version!r} dataset: FIBO "
+                "models need a fibo dataset, legacy models (max, light, 3.2, 2.3) a legacy one")
+        service.family_of(version)
+        model = Model(name=body.name, description=body.description, dataset_id=dataset.id,
+                      project_id=dataset.project_id, training_version=version, training_mode=body.training_mode,
+                      training_parameters={})
+        session.add(model)
+        session.flush()
+        return model_view(session, model)
+
+
+class _ClaimThenSubmit:
+    """start_training's launcher here: the atomic claim, then the backend."""
+
+    def __init__(self, service: Service, model_id: int, owner: str, prefix: str | None):
+        self.service, self.model_id, self.owner, self.prefix = service, model_id, owner, prefix
+
+    def launch(self, job: JobSpec) -> None:
+        self.service.runner.claim(self.model_id, self.owner, job.params.to_dict(), self.prefix)
+        self.service.runner.submit(self.model_id, job)
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    """start_training's raw JSON body; an empty body takes every default."""
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidParameterError([FieldError("the request body is not valid JSON", "body",
+                                                raw[:200].decode("utf-8", "replace"))]) from None
+    if not isinstance(body, dict):
+        raise InvalidParameterError([FieldError("the request body must be a JSON object", "body", str(body)[:200])])
+    return body
+
+
+def start_model(service: Service, model_id: int, request: bytes | Mapping[str, Any], caller: Caller) -> dict:
+    """POST /models/{id}/start_training: `request` is the raw body (bytes) or the fields already parsed.
+    Errors in the documented order: 404, 409, 412, then the body's 400."""
+    with service.db.transaction() as session:
+        model = model_or_404(session, model_id, caller)
+        dataset = session.get(Dataset, model.dataset_id)
+        model_record = ModelRecord(
+            id=model.id, name=model.name, dataset_id=model.dataset_id, project_id=model.project_id,
+            training_version=model.training_version, training_mode=model.training_mode,
+            description=model.description, status=model.status, custom_metadata=model.custom_metadata,
+            active_model_version=model.active_model_version, created_at=model.created_at, updated_at=model.updated_at)
+        dataset_record = DatasetRecord(id=dataset.id, project_id=dataset.project_id, status=dataset.status,
+                                       training_version=dataset.training_version,
+                                       path=str(service.dataset_dir(dataset.id)), caption_prefix=dataset.caption_prefix)
+    check_can_start(model_record, dataset_record)  # 409 and 412 come before any complaint about the body
+    fields = _parse_body(request) if isinstance(request, bytes) else dict(request)
+    family = service.family_of(model.training_version)
+    launcher = _ClaimThenSubmit(service, model_id, caller.token_id,
+                                generation_prefix(model.training_version, dataset.caption_prefix))
+    response = start_training(model_record, dataset_record, fields, base=service.settings.bases[family],
+                              output_dir=service.runner.run_dir(model_id), engine=service.engine_config(family),
+                              launcher=launcher, version_map=service.settings.version_map)
+    return response.to_dict()
+
+
+def stop_model(service: Service, model_id: int, caller: Caller) -> dict:
+    """InProgress -> Stopping; the model becomes Stopped when its job has exited. It cannot be resumed."""
+    with service.db.transaction() as session:
+        model_or_404(session, model_id, caller)
+    if not service.runner.request_stop(model_id):
+        raise ConflictError(f"Training already stopped/not in training: model {model_id} is not InProgress.")
+    with service.db.transaction() as session:
+        return model_view(session, model_or_404(session, model_id, caller))
+
+
+# ---- checkpoints and download ------------------------------------------------------------------
+
+
+def expert_model(session: Session, model_id: int, caller: Caller) -> Model:
+    model = model_or_404(session, model_id, caller)
+    if model.training_mode != "expert":
+        raise BadRequestError(f"Checkpoints are only available for models trained in expert mode; model {model_id} "
+                              "is fully_automated.")
+    return model
+
+
+def checkpoint_or_404(session: Session, model_id: int, step: int) -> Checkpoint:
+    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.model_id == model_id, Checkpoint.step == step))
+    if checkpoint is None:
+        raise NotFoundError(f"Checkpoint not found: model {model_id} has no checkpoint at step {step}")
+    return checkpoint
+
+
+def download_link(service: Service, request: Request, model_id: int, checkpoint_step: int | None,
+                  caller: Caller) -> dict:
+    """GET /models/{id}/download: a pre-signed link to the final LoRA, or to one checkpoint's."""
+    with service.db.transaction() as session:
+        if checkpoint_step is not None:
+            model = expert_model(session, model_id, caller)
+            step = checkpoint_or_404(session, model_id, checkpoint_step).step
+        else:
+            model = model_or_404(session, model_id, caller)
+            if model.status != "Completed":
+                raise BadRequestError(f"The model status is not completed (it is {model.status}): download a "
+                                      "published checkpoint with ?checkpoint_step=N, or wait for the training to end.")
+            step = int(model.training_parameters["total_training_steps"])
+            checkpoint_or_404(session, model_id, step)
+        family = service.version_map.get(canonical_version(model.training_version), "")
+    url, expires = signed_url(service, request,
+                              f"{FILES_PREFIX}/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors")
+    return {"download_url": url, **base_model_view(family), "checkpoint_step": step, "expires": expires}
+
+
+def log_tail(service: Service, model_id: int, lines: int) -> list[str]:
+    """The last `lines` lines of the model's train.log (all its attempts; empty before the job starts)."""
+    try:
+        tail = tail_lines(service.runner.run_dir(model_id) / LOG_FILE, lines * _LOG_BYTES_PER_LINE)
+    except FileNotFoundError:
+        tail = []
+    return tail[-lines:]
