@@ -192,7 +192,7 @@ def test_uploads_report_each_file_with_the_api_s_reason(api, console):
     for name, data in (("small.png", _png(32, 32)), ("notes.txt", b"not an image at all")):
         assert shown(_api_message(api.post(f"/datasets/{dataset_id}/images", files={"file": (name, data)})), page)
     images = api.get(f"/datasets/{dataset_id}/images").json()
-    assert [i["image_name"] for i in images] == ["good.png"] and images[0]["caption_source"] == "pending"
+    assert [i["image_name"] for i in images] == ["good.png"] and images[0]["caption_source"] is None  # no VLM here
     # every file refused: the page answers with the API's status
     refused = console.post(f"/console/datasets/{dataset_id}/images",
                            files=[("files", ("small.png", _png(32, 32), "image/png"))])
@@ -245,12 +245,37 @@ def test_completing_lists_the_preflight_s_findings_and_the_api_s_message(api, co
     _same_refusal(api.put(f"/datasets/{dataset_id}/images/{odd['id']}", json={"caption": "{}"}), frozen)
 
 
-def test_the_regenerate_hook_goes_through_the_api_s_caption_rule(api, console):
+def test_without_a_captioning_model_the_regenerate_forms_refuse_what_the_api_refuses(api, console):
     dataset_id = _draft(api)
     image = upload_sample(api, dataset_id, sample_rows()[0]).json()
     page = console.post(f"/console/datasets/{dataset_id}/images/{image['id']}/regenerate")
     _same_refusal(api.put(f"/datasets/{dataset_id}/images/{image['id']}", json={"regenerate_caption": True}), page)
-    assert "Regenerate caption" not in console.get(f"/console/datasets/{dataset_id}").text  # hidden until wired
+    every = console.post(f"/console/datasets/{dataset_id}/captions/regenerate")
+    _same_refusal(api.put(f"/datasets/{dataset_id}/images"), every)
+    shown_page = console.get(f"/console/datasets/{dataset_id}").text
+    assert "Regenerate caption" not in shown_page and "Regenerate all captions" not in shown_page
+    assert 'id="no-captioner"' in shown_page and "serve --vlm" in shown_page
+
+
+@pytest.mark.parametrize("schema", [
+    "not json",
+    '["a list"]',
+    '{"aesthetics": {"aesthetic_score": "great"}}',   # not a value a caption can keep
+])
+def test_the_visual_schema_form_refuses_what_the_api_refuses(api, console, schema):
+    dataset_id = _draft(api)
+    _same_refusal(api.put(f"/datasets/{dataset_id}", json={"visual_schema": schema}),
+                  console.post(f"/console/datasets/{dataset_id}/visual-schema", {"visual_schema": schema}))
+    assert api.get(f"/datasets/{dataset_id}").json()["visual_schema"] is None
+
+
+def test_the_visual_schema_form_stores_compact_json(api, console):
+    dataset_id = _draft(api)
+    saved = console.post(f"/console/datasets/{dataset_id}/visual-schema",
+                         {"visual_schema": '{\r\n  "style_medium": "flat vector illustration"\r\n}'})
+    assert saved.status_code == 303
+    assert api.get(f"/datasets/{dataset_id}").json()["visual_schema"] == '{"style_medium":"flat vector illustration"}'
+    assert '"style_medium": "flat vector illustration"' in text_of(console.get(f"/console/datasets/{dataset_id}"))
 
 
 def test_the_model_and_start_forms_refuse_what_the_api_refuses(api, console):

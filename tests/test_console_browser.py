@@ -144,7 +144,7 @@ def test_the_console_walkthrough_in_chromium(browser, server, shots):
         page.evaluate(DROP, ["[data-dropzone]", files])
     results = page.locator("#upload-results li")
     assert results.count() == 6 and page.locator("#upload-results li.ok").count() == 6
-    assert page.locator("[data-caption-source]").all_inner_texts() == ["caption pending"] * 6
+    assert page.locator("[data-caption-source]").all_inner_texts() == ["no caption"] * 6
     thumbnails = page.locator("ul.images img")
     _wait_until(page, "[...document.querySelectorAll('ul.images img')].every(i => i.complete && i.naturalWidth)")
     assert thumbnails.count() == 6

@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from service_helpers import (OTHER_TOKEN, ThreadServer, client, completed_fibo_dataset, engine_yaml, sample_rows,
-                             settings_for, wait_for_status, wait_until)
+from console_helpers import Console
+from service_helpers import (OTHER_TOKEN, TOKEN, ThreadServer, client, completed_fibo_dataset, engine_yaml,
+                             sample_rows, settings_for, wait_for_status, wait_until)
 from tailoredgen_train.captioning.prefix import common_caption_prefix
 from tailoredgen_train.data import SAMPLE_DATASET_DIR, SAMPLE_TEXT_CAPTION_PREFIX
 from tailoredgen_train.data.caption_format import unknown_fields
@@ -163,6 +164,35 @@ def test_a_dataset_with_a_visual_schema_is_captioned_completed_trained_and_promp
     assert structured["style_medium"] == "digital illustration" and unknown_fields(structured) == []
     with client(server.url, OTHER_TOKEN) as other:  # another token's model: not found, nothing expanded
         assert other.post(f"{server.url}/v2/image/generate/tailored", json=body).status_code == 404
+
+
+def test_the_console_regenerates_captions_through_the_worker(server, api):
+    dataset_id = new_dataset(api)
+    with Console(server.url) as console:
+        console.sign_in(TOKEN)
+        saved = console.post(f"/console/datasets/{dataset_id}/visual-schema", {"visual_schema": json.dumps(SCHEMA)})
+        assert saved.status_code == 303
+        with held(server):
+            image = upload(api, dataset_id, sample_paths(1)[0])  # a visual schema: captioned as it arrives
+            page = console.get(f"/console/datasets/{dataset_id}").text
+            assert "data-captions-pending" in page and "caption pending" in page
+        settled = captions_settled(api, dataset_id)
+        assert settled["images"][0]["caption_source"] == "automatic"
+        page = console.get(f"/console/datasets/{dataset_id}").text
+        assert "data-captions-pending" not in page and "caption automatic" in page
+        assert "Regenerate caption" in page and "Regenerate all captions" in page
+        first = settled["images"][0]["caption"]
+        with held(server):
+            assert console.post(f"/console/datasets/{dataset_id}/captions/regenerate").status_code == 303
+            assert api.get(f"/datasets/{dataset_id}").json()["captions_update_status"] == "in_progress"
+        again = captions_settled(api, dataset_id)["images"][0]
+        assert again["caption_source"] == "automatic" and again["caption"] != first
+        assert json.loads(again["caption"])["style_medium"] == SCHEMA["style_medium"]
+        with held(server):
+            one = console.post(f"/console/datasets/{dataset_id}/images/{image['id']}/regenerate")
+            assert one.status_code == 303
+            assert api.get(f"/datasets/{dataset_id}/images/{image['id']}").json()["caption_source"] == "pending"
+        assert captions_settled(api, dataset_id)["images"][0]["caption_source"] == "automatic"
 
 
 # ---- one image at a time, legacy captions, failures ------------------------------------------------------

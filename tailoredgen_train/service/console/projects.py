@@ -14,7 +14,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from ...contract import is_fibo
 from ...errors import TailoredGenError
-from .. import datasets
+from .. import captions, datasets
 from ..access import Caller
 from ..datasets import PreflightFailedError, dataset_or_404, image_or_404, project_or_404
 from ..db import Dataset, Image, Model, Project
@@ -23,16 +23,9 @@ from ..schemas import IP_MEDIUMS, IP_TYPES, CaptionUpdate, DatasetCreate, Datase
 from ..views import dataset_view, image_view, model_view, project_view
 from .session import checked_form, console_caller, signed_in
 from .thumbnails import thumbnail
-from .web import PREFIX, ConsoleRoute, FormErrors, Id, form_id, page, redirect
+from .web import PREFIX, ConsoleRoute, FormErrors, Id, form_id, page, pretty_caption, redirect
 
 router = APIRouter(route_class=ConsoleRoute)
-
-
-def regenerate_available(service) -> bool:
-    """HOOK(captioning): whether the dataset page offers "Regenerate caption" on each image. False
-    until the service can caption; the lead wires it to service/captioning.py after merging (the
-    button posts to /regenerate below, which already goes through datasets.update_caption)."""
-    return False
 
 
 def fields(form: FormData, names: tuple[str, ...]) -> dict[str, Any]:
@@ -115,10 +108,12 @@ def create_dataset(request: Request, caller: Caller = Depends(console_caller), f
 def dataset_page(request: Request, caller: Caller, dataset_id: int, *, status: int = 200,
                  uploads: list[dict] | None = None, report: Any = None, completion: str | None = None,
                  edited: dict[int, tuple[str, str]] | None = None, model_form: dict | None = None,
-                 refused: FormErrors | None = None):
+                 schema_form: dict | None = None, captioning: str | None = None, refused: FormErrors | None = None):
     """The dataset page; what a refused form left: `uploads` (per-file results), `report` (the
     preflight's findings), `completion` (why it could not be completed), `edited` (image id ->
-    (the caption as sent, why it was refused)), `model_form` and `refused` (the model form's)."""
+    (the caption as sent, why it was refused)), `schema_form` (the visual schema as sent),
+    `captioning` (why Regenerate all captions was refused), `model_form` and `refused` (the
+    refused form's fields)."""
     service = service_of(request)
     with service.db.transaction() as session:
         dataset = dataset_or_404(session, dataset_id, caller)
@@ -140,7 +135,9 @@ def dataset_page(request: Request, caller: Caller, dataset_id: int, *, status: i
     return page(request, "dataset.html", status=status, title=view["name"], dataset=view, project=project,
                 images=images, models=model_views, fibo=is_fibo(view["training_version"]),
                 sources=Counter(i["caption_source"] for i in images), uploads=uploads, findings=findings,
-                completion=completion, edited=edited or {}, regenerate=regenerate_available(service),
+                completion=completion, edited=edited or {}, captioner=service.captioning.enabled,
+                schema_form=schema_form or {"visual_schema": pretty_caption(view["visual_schema"])},
+                captioning=captioning,
                 model_form=model_form or {"training_mode": "expert"},
                 min_side=service.engine_config(service.family_of(view["training_version"])).data.min_side,
                 **(refused.context() if refused else {}))
@@ -201,7 +198,7 @@ def save_caption(request: Request, dataset_id: Id, image_id: Id, caller: Caller 
 @router.post("/datasets/{dataset_id}/images/{image_id}/regenerate")
 def regenerate_caption(request: Request, dataset_id: Id, image_id: Id, caller: Caller = Depends(console_caller),
                        form: FormData = Depends(checked_form)):
-    """HOOK(captioning): the API's regenerate_caption, through the same function."""
+    """PUT /datasets/{id}/images/{image_id} {"regenerate_caption": true}, through the same function."""
     try:
         datasets.update_caption(service_of(request), dataset_id, image_id, CaptionUpdate(regenerate_caption=True),
                                 caller)
@@ -221,6 +218,31 @@ def delete_image(request: Request, dataset_id: Id, image_id: Id, caller: Caller 
         datasets.delete_image(service_of(request), dataset_id, image_id, caller)
     except TailoredGenError as exc:
         return dataset_page(request, caller, dataset_id, status=exc.http_status, completion=exc.message)
+    return redirect(f"{PREFIX}/datasets/{dataset_id}")
+
+
+@router.post("/datasets/{dataset_id}/captions/regenerate")
+def regenerate_all_captions(request: Request, dataset_id: Id, caller: Caller = Depends(console_caller),
+                            form: FormData = Depends(checked_form)):
+    """PUT /datasets/{id}/images (Regenerate All Captions): every image is queued for the captioning worker."""
+    try:
+        captions.regenerate_captions(service_of(request), dataset_id, caller)
+    except TailoredGenError as exc:
+        return dataset_page(request, caller, dataset_id, status=exc.http_status, captioning=exc.message)
+    return redirect(f"{PREFIX}/datasets/{dataset_id}#images-title")
+
+
+@router.post("/datasets/{dataset_id}/visual-schema")
+def set_visual_schema(request: Request, dataset_id: Id, caller: Caller = Depends(console_caller),
+                      form: FormData = Depends(checked_form)):
+    """PUT /datasets/{id} {"visual_schema": ...}: the caption values every automatic caption keeps."""
+    text = textarea(form, "visual_schema") or ""
+    try:
+        datasets.update_dataset(service_of(request), dataset_id, DatasetUpdate(visual_schema=text), caller)
+    except (TailoredGenError, ValidationError) as exc:
+        refused = FormErrors.of(exc)
+        return dataset_page(request, caller, dataset_id, status=refused.status, schema_form={"visual_schema": text},
+                            refused=refused)
     return redirect(f"{PREFIX}/datasets/{dataset_id}")
 
 

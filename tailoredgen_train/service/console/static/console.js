@@ -69,6 +69,14 @@ document.querySelectorAll("select[data-autosubmit]").forEach((select) => {
 const firstInvalid = document.querySelector("[aria-invalid=true]");
 if (firstInvalid && document.querySelector("[role=alert], .error:not([hidden])")) firstInvalid.focus();
 
+// ---- the dataset page: reload while the captioning model writes captions, unless a caption is being edited
+if (document.querySelector("[data-captions-pending]")) {
+  const edited = () => [...document.querySelectorAll("textarea")].some((t) => t.value !== t.defaultValue);
+  const reload = () => (edited() || document.activeElement?.tagName === "TEXTAREA" ? setTimeout(reload, 3000)
+                                                                                    : window.location.reload());
+  setTimeout(reload, 3000);
+}
+
 // ---- the run page: poll the progress every few seconds while the model trains
 function duration(seconds) {
   if (seconds === null || seconds === undefined || !isFinite(seconds)) return "–";
