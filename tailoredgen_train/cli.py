@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="base model of a family, e.g. --base fibo=runs/tiny-fibo-base (repeatable)")
     serve.add_argument("--engine-config", action="append", default=[], metavar="FAMILY=YAML",
                        help="engine config of a family, e.g. --engine-config fibo=configs/fibo.yaml (repeatable)")
-    serve.add_argument("--tokens-file", help=f"API tokens, one per line (also read from {TOKENS_ENV})")
+    serve.add_argument("--tokens-file", help=f"API tokens, one per line, each optionally followed by its organization "
+                       f"(`TOKEN ORG`; tokens of one organization share its data, a token without one is an "
+                       f"organization of its own); also read from {TOKENS_ENV}")
     serve.add_argument("--launcher", choices=("local", "slurm"), default="local")
     serve.add_argument("--slurm-template", help="sbatch template (default: the packaged train.sbatch)")
     serve.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) per training job")
@@ -217,10 +219,12 @@ def _cmd_run_job(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .service.app import serve
-    from .service.settings import ServiceSettings, load_tokens, parse_assignments, parse_resolutions
+    from .service.settings import (ServiceSettings, load_organizations, load_tokens, parse_assignments,
+                                   parse_resolutions)
 
     settings = ServiceSettings(
         data_dir=Path(args.data_dir), db_url=args.db, tokens=load_tokens(args.tokens_file),
+        organizations=load_organizations(args.tokens_file),
         bases=parse_assignments(args.base, "--base"), engine_configs=parse_assignments(args.engine_config,
                                                                                        "--engine-config"),
         version_map=args.version_map, launcher=args.launcher, slurm_template=args.slurm_template,

@@ -115,6 +115,11 @@ class UnauthorizedError(TailoredGenError):
     http_status = 401
 
 
+class ForbiddenError(TailoredGenError):
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFoundError(TailoredGenError):
     code = "not_found"
     http_status = 404

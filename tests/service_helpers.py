@@ -23,7 +23,11 @@ from tailoredgen_train.service.launchers import LocalBackend
 from tailoredgen_train.service.settings import ServiceSettings
 
 TOKEN = "test-token-0001"
+COLLEAGUE_TOKEN = "test-token-0003"
+"""TOKEN's organization (acme) has a second token"""
 OTHER_TOKEN = "test-token-0002"
+"""a token of another organization (unmapped: an organization of its own)"""
+ORGANIZATION = "acme"
 GENERATION_RESOLUTION = 64  # what the generation endpoints render in these tests
 # cheap training for the service tests: 64 px buckets, nothing logged, two 2-step validation renders
 TEST_ENGINE_YAML = """\
@@ -47,7 +51,8 @@ def engine_yaml(directory: Path) -> Path:
 
 
 def settings_for(tmp: Path, base: Path, **overrides: Any) -> ServiceSettings:
-    values = dict(data_dir=tmp / "data", tokens=[TOKEN, OTHER_TOKEN], bases={"fibo": str(base)},
+    values = dict(data_dir=tmp / "data", tokens=[TOKEN, OTHER_TOKEN, COLLEAGUE_TOKEN],
+                  organizations={TOKEN: ORGANIZATION, COLLEAGUE_TOKEN: ORGANIZATION}, bases={"fibo": str(base)},
                   engine_configs={"fibo": str(engine_yaml(tmp))}, poll_interval_s=0.2)
     values.update(overrides)
     values.setdefault("generation_resolution", {family: GENERATION_RESOLUTION for family in values["bases"]})

@@ -13,7 +13,7 @@ import threading
 import pytest
 from PIL import Image as PILImage
 
-from service_helpers import (OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client, completed_fibo_dataset,
+from service_helpers import (COLLEAGUE_TOKEN, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client, completed_fibo_dataset,
                              create_model, sample_rows, settings_for, upload_sample, wait_for_status)
 
 
@@ -510,7 +510,7 @@ def test_a_token_over_its_training_cap_gets_429_and_others_still_start(tmp_path,
     backend = SleepingBackend()
     settings = settings_for(tmp_path, tiny_fibo_base, max_concurrent_trainings=1)
     with ThreadServer(settings, backend) as capped:
-        with client(capped.url) as api, client(capped.url, token=OTHER_TOKEN) as other:
+        with client(capped.url) as api, client(capped.url, token=COLLEAGUE_TOKEN) as other:
             dataset_id = completed_fibo_dataset(api)
             first, second, third = (create_model(api, dataset_id) for _ in range(3))
             assert api.post(f"/models/{first}/start_training").status_code == 200

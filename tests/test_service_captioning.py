@@ -19,8 +19,8 @@ import torch
 from PIL import Image as PILImage
 
 from console_helpers import Console
-from service_helpers import (OTHER_TOKEN, TOKEN, ThreadServer, client, completed_fibo_dataset, engine_yaml,
-                             sample_rows, settings_for, wait_for_status, wait_until)
+from service_helpers import (ORGANIZATION, OTHER_TOKEN, TOKEN, ThreadServer, client, completed_fibo_dataset,
+                             engine_yaml, sample_rows, settings_for, wait_for_status, wait_until)
 from tailoredgen_train.captioning.prefix import common_caption_prefix
 from tailoredgen_train.data import SAMPLE_DATASET_DIR, SAMPLE_TEXT_CAPTION_PREFIX
 from tailoredgen_train.data.caption_format import unknown_fields
@@ -28,6 +28,7 @@ from tailoredgen_train.errors import InvalidParameterError
 from tailoredgen_train.fixtures.tiny_vlm import TINY_MAX_PIXELS
 from tailoredgen_train.service.captioning import normalize_visual_schema
 from tailoredgen_train.service.access import Caller
+from tailoredgen_train.service.auth import token_id
 from tailoredgen_train.service.captions import caption_status, read_images
 from tailoredgen_train.service.db import Database, Image
 from tailoredgen_train.service.datasets import UnsupportedImageError
@@ -162,8 +163,8 @@ def test_a_dataset_with_a_visual_schema_is_captioned_completed_trained_and_promp
     assert generated.status_code == 200, generated.text
     structured = json.loads(generated.json()["structured_prompt"])
     assert structured["style_medium"] == "digital illustration" and unknown_fields(structured) == []
-    with client(server.url, OTHER_TOKEN) as other:  # another token's model: not found, nothing expanded
-        assert other.post(f"{server.url}/v2/image/generate/tailored", json=body).status_code == 404
+    with client(server.url, OTHER_TOKEN) as other:  # another organization's model: refused, nothing expanded
+        assert other.post(f"{server.url}/v2/image/generate/tailored", json=body).status_code == 403
 
 
 def test_the_console_regenerates_captions_through_the_worker(server, api):
@@ -242,7 +243,7 @@ def test_a_caption_that_fails_leaves_no_caption_and_says_why(server, api):
         captioner.max_new_tokens = None
     failed = settled["images"][0]
     assert settled["captions_update_status"] == "completed"  # settled, so that a poll for completed ends
-    assert caption_status(server.service, dataset_id, Caller("test")) == {"captions_update_status": "completed", "images": 1,
+    assert caption_status(server.service, dataset_id, Caller(token_id(TOKEN), ORGANIZATION)) == {"captions_update_status": "completed", "images": 1,
                                                           "pending": 0, "automatic": 0, "manual": 0, "failed": 1,
                                                           "none": 0}
     assert failed["id"] == image["id"] and failed["caption_source"] == "failed" and failed["caption"] is None
@@ -508,10 +509,10 @@ def test_a_caption_set_by_hand_while_the_worker_captions_it_is_kept(tmp_path, ti
     database = Database(settings.database_url)
     worker = CaptioningWorker(database, settings, lambda dataset_id: tmp_path)  # its thread is never started
     with database.transaction() as session:
-        project = Project(project_name="p", ip_medium="illustration", ip_type="other")
+        project = Project(project_name="p", ip_medium="illustration", ip_type="other", org="o")
         session.add(project)
         session.flush()
-        dataset = Dataset(project_id=project.id, name="d", training_version="fibo")
+        dataset = Dataset(project_id=project.id, org="o", name="d", training_version="fibo")
         session.add(dataset)
         session.flush()
         images = [Image(dataset_id=dataset.id, image_name=n, file_name=n, caption_source="pending", width=64,

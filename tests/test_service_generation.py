@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from service_helpers import (OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client, completed_fibo_dataset,
-                             create_model, poll_generation, settings_for)
+from service_helpers import (COLLEAGUE_TOKEN, ORGANIZATION, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client,
+                             completed_fibo_dataset, create_model, poll_generation, settings_for)
 from tailoredgen_train.data import SAMPLE_TEXT_CAPTION_PREFIX
 from tailoredgen_train.inference import GeneratedImage, LoraPipeline
 from tailoredgen_train.service.auth import token_id
@@ -103,19 +103,22 @@ def test_a_missing_model_is_404(server, api):
         assert response.json()["message"].startswith("Model not found")
 
 
-def test_another_token_s_model_is_404_and_its_owner_passes(server, api, fibo_dataset, legacy_dataset):
+def test_another_organization_s_model_is_refused_and_its_organization_passes(server, api, fibo_dataset,
+                                                                             legacy_dataset):
     fibo = completed_model(server, api, fibo_dataset)
     legacy = completed_model(server, api, legacy_dataset)
-    for token, expected in ((OTHER_TOKEN, 404), (TOKEN, 202)):  # 202: the owner's requests are queued
-        assert v2(server, api, fibo_body(fibo), token=token).status_code == expected
-        assert v1(server, api, f"{legacy}/100", {"prompt": "a fox", "num_results": 1}, token).status_code == expected
-        assert v1(server, api, f"{legacy}", {"prompt": "a fox", "num_results": 1}, token).status_code == expected
-    # the same answer as for a model that does not exist: not even its existence is told
+    # Bria's /v2 answers 403 for another organization's model; /v1 documents no 403: 404, as if it did not exist
+    for token, on_v2, on_v1 in ((OTHER_TOKEN, 403, 404), (TOKEN, 202, 202), (COLLEAGUE_TOKEN, 202, 202)):
+        assert v2(server, api, fibo_body(fibo), token=token).status_code == on_v2
+        assert v1(server, api, f"{legacy}/100", {"prompt": "a fox", "num_results": 1}, token).status_code == on_v1
+        assert v1(server, api, f"{legacy}", {"prompt": "a fox", "num_results": 1}, token).status_code == on_v1
     assert v2(server, api, fibo_body(fibo), token=OTHER_TOKEN).json()["message"] == \
-        f"Model not found: there is no model {fibo}"
+        "Model does not belong to organization"
+    assert v1(server, api, f"{legacy}", {"prompt": "a fox"}, OTHER_TOKEN).json()["message"] == \
+        f"Model not found: there is no model {legacy}"
 
 
-def test_a_request_is_visible_only_to_its_token(server, api, fibo_dataset):
+def test_a_request_is_visible_only_to_its_organization(server, api, fibo_dataset):
     model_id = completed_model(server, api, fibo_dataset)
     accepted = v2(server, api, fibo_body(model_id))
     assert accepted.status_code == 202, accepted.text
@@ -123,6 +126,8 @@ def test_a_request_is_visible_only_to_its_token(server, api, fibo_dataset):
     assert status_url == f"{server.url}/v2/status/{accepted.json()['request_id']}"
     with client(server.url, token=OTHER_TOKEN) as other:
         assert other.get(status_url).status_code == 404
+    with client(server.url, token=COLLEAGUE_TOKEN) as colleague:
+        assert colleague.get(status_url).status_code == 200
     assert api.get(f"{server.url}/v2/status/{uuid.uuid4().hex}").status_code == 404
     poll_generation(api, status_url)
 
@@ -281,8 +286,8 @@ def test_a_request_the_server_never_finished_is_failed_at_start_up(tmp_path, tin
     request_id = uuid.uuid4().hex
     database = Database(settings.database_url)
     with database.transaction() as session:
-        session.add(GenerationRequest(id=request_id, api="v2", owner=token_id(TOKEN), model_id=model_id,
-                                      checkpoint_step=200, family="fibo", prompt=STRUCTURED, settings={"seed": 1},
+        session.add(GenerationRequest(id=request_id, api="v2", owner=token_id(TOKEN), org=ORGANIZATION,
+                                      model_id=model_id, checkpoint_step=200, family="fibo", prompt=STRUCTURED, settings={"seed": 1},
                                       host=socket.gethostname()))
     database.dispose()
     with ThreadServer(settings, SleepingBackend()) as restarted, client(restarted.url) as api:

@@ -192,7 +192,7 @@ def test_generate_with_the_final_and_the_first_checkpoint_sync_and_async(trained
 
 def test_generation_rules_on_the_trained_model(trained):
     with trained.api(OTHER_TOKEN) as other:
-        assert trained.generate(other, sync=True).status_code == 404  # another token's model
+        assert trained.generate(other, sync=True).status_code == 403  # another organization's model
     with trained.api() as api:
         legacy = api.post(f"{trained.server.url}/v1/text-to-image/tailored/{trained.model_id}/100",
                           json={"prompt": "a red circle", "sync": True})

@@ -1,10 +1,10 @@
 """Who is calling, and what they may see: the one place where the service scopes its data.
 
-A caller is an API token (its id, never the token). The service has no organizations yet, so every
-token sees every project, dataset and model (the API's rule since it began), and a model generates
-only for the token that trained it. Organizations add a field to `Caller` and one filter in `scope`
-and `sees`: the shared service functions (datasets.py, models.py, generation_requests.py) and
-every console query go through them.
+A caller is an API token (its id, never the token) of an organization. Every project, dataset and
+model belongs to the organization that created it, and another organization's rows do not exist
+for a caller: every lookup and list of the API and of the console goes through `scope` and `sees`
+(lookups answer 404, lists leave the rows out). Images, checkpoints and files are reached through
+their dataset or model, so they follow it. Generation requests belong to the organization too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from sqlalchemy import Select
 
-from .db import Dataset, Model, Project
+from .db import Dataset, GenerationRequest, Model, Project
 
 S = TypeVar("S", bound=Select)
 
@@ -23,15 +23,17 @@ S = TypeVar("S", bound=Select)
 class Caller:
     token_id: str
     """auth.token_id of the caller's token: what logs, `Model.owner` and `GenerationRequest.owner` hold."""
+    organization: str
+    """what `org` of every project, dataset, model and generation request the caller creates holds."""
 
     def scope(self, statement: S) -> S:
-        """A query on projects, datasets or models, limited to what this caller may see: today all of it."""
-        return statement
+        """A query on projects, datasets, models or generation requests (its first column's table),
+        limited to this caller's organization."""
+        entity = statement.column_descriptions[0]["entity"]
+        if entity not in (Project, Dataset, Model, GenerationRequest):
+            raise TypeError(f"Caller.scope does not know how to scope a query on {entity!r}")
+        return statement.where(entity.org == self.organization)
 
-    def sees(self, row: Project | Dataset | Model) -> bool:
-        """Whether this caller may see one project, dataset or model: today every one."""
-        return True
-
-    def may_generate_with(self, model: Model) -> bool:
-        """A model generates only for the token that started its training (others get a 404)."""
-        return model.owner is None or model.owner == self.token_id
+    def sees(self, row: Project | Dataset | Model | GenerationRequest) -> bool:
+        """Whether this caller may see one project, dataset, model or generation request."""
+        return row.org == self.organization

@@ -18,8 +18,14 @@ def token_id(token: str) -> str:
 
 
 class TokenAuth:
-    def __init__(self, tokens: list[str]):
+    def __init__(self, tokens: list[str], organizations: dict[str, str] | None = None):
         self._tokens = [t.encode() for t in tokens]
+        # a token without an organization is one of its own, named after the token's id (never the token)
+        self._organizations = {token_id(t): (organizations or {}).get(t) or f"token-{token_id(t)}" for t in tokens}
+
+    def organization_of(self, token: str) -> str:
+        """The organization of a token id that `check` returned."""
+        return self._organizations[token]
 
     def check(self, given: str | None) -> str:
         """The caller's token id, or UnauthorizedError. Every configured token is compared, so the

@@ -50,7 +50,8 @@ BATCH_SIZE = 8  # images per generate call
 MAX_WAITING_TASKS = 32  # answers waited for (visual schema, prefix, refine, prompts); beyond: 429
 NO_VLM = ("Automatic captioning needs a captioning model, and this server has none. The operator enables it with "
           "`tailoredgen-train serve --vlm briaai/FIBO-vlm` (or --vlm DIR, a local Qwen3-VL). Until then, send "
-          "captions with the images (caption field) or set them with PUT /tailored-gen/datasets/{id}/images/{image_id}.")
+          "captions with the images (caption field) or set them with PUT "
+          "/tailored-gen/datasets/{id}/images/{image_id}.")
 
 
 class CaptioningUnavailableError(TailoredGenError):
@@ -344,6 +345,7 @@ def normalize_visual_schema(text: str, field: str = "visual_schema") -> str:
             raise ValueError("it is not a JSON object")
         caption_grammar(CaptionLimits(), value)  # the check captioning with it makes
     except (ValueError, CaptionInputError) as e:
-        message = e.message if isinstance(e, CaptionInputError) else f"a visual schema is a JSON object as a string: {e}"
+        message = (e.message if isinstance(e, CaptionInputError)
+                   else f"a visual schema is a JSON object as a string: {e}")
         raise InvalidParameterError.single(field, text[:200], message) from None
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

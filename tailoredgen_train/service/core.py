@@ -36,7 +36,7 @@ class Service:
             backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
                        else SlurmBackend(settings.slurm_template, settings.num_processes))
         self.runner = JobRunner(self.db, backend, settings)
-        self.auth = TokenAuth(settings.tokens)
+        self.auth = TokenAuth(settings.tokens, settings.organizations)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.signer = UrlSigner(settings.resolved_url_secret())
         self.captioning = CaptioningWorker(self.db, settings, self.dataset_dir)

@@ -112,7 +112,7 @@ def create_project(service: Service, body: ProjectCreate, caller: Caller) -> dic
         raise InvalidParameterError.single("ip_type", body.ip_type,
                                            f"ip_type {body.ip_type} needs ip_medium illustration")
     with service.db.transaction() as session:
-        project = Project(**body.model_dump())
+        project = Project(**body.model_dump(), org=caller.organization)
         session.add(project)
         session.flush()
         return project_view(project)
@@ -135,7 +135,7 @@ def create_dataset(service: Service, body: DatasetCreate, caller: Caller) -> dic
                 "training_version", body.training_version,
                 f"project {project.id} is locked to {project.training_version!r}: FIBO and legacy versions "
                 "(max, light, 3.2, 2.3) cannot share a project")
-        dataset = Dataset(**values)
+        dataset = Dataset(**values, org=project.org)
         session.add(dataset)
         session.flush()
         service.dataset_dir(dataset.id).mkdir(parents=True, exist_ok=True)

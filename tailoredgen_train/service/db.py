@@ -12,8 +12,10 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event)
+                        event, inspect)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ..errors import ConfigError
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -36,6 +38,8 @@ class Project(Base):
     ip_description: Mapped[str | None] = mapped_column(Text, nullable=True)
     ip_medium: Mapped[str] = mapped_column(String(32))
     ip_type: Mapped[str] = mapped_column(String(32))
+    org: Mapped[str] = mapped_column(String(80), index=True)
+    """the organization that owns it (access.Caller.organization); no other organization sees it"""
     training_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
@@ -46,6 +50,8 @@ class Dataset(Base):
     __tablename__ = "datasets"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    org: Mapped[str] = mapped_column(String(80), index=True)
+    """the organization that owns it (access.Caller.organization); no other organization sees it"""
     name: Mapped[str] = mapped_column(Text)
     training_version: Mapped[str] = mapped_column(String(16))
     caption_prefix: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -86,6 +92,8 @@ class Model(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    org: Mapped[str] = mapped_column(String(80), index=True)
+    """the organization that owns it (access.Caller.organization); no other organization sees it"""
     training_version: Mapped[str] = mapped_column(String(16))
     training_mode: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="Created", index=True)
@@ -141,7 +149,9 @@ class GenerationRequest(Base):
     api: Mapped[str] = mapped_column(String(8))
     """"v2" (FIBO) or "v1" (legacy): the shape of the answer"""
     owner: Mapped[str] = mapped_column(String(32), index=True)
-    """a hash of the caller's token: only that token sees the request"""
+    """a hash of the caller's token (the request log's name for who asked)"""
+    org: Mapped[str] = mapped_column(String(80), index=True)
+    """the organization that owns it (access.Caller.organization); no other organization sees it"""
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
     checkpoint_step: Mapped[int] = mapped_column(Integer)
     family: Mapped[str] = mapped_column(String(16))
@@ -175,7 +185,21 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         Base.metadata.create_all(self.engine)
+        self._check_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _check_columns(self) -> None:
+        """A database an earlier version created lacks newer columns (there are no migrations yet):
+        say so at start-up, not with a failed query later."""
+        found = inspect(self.engine)
+        missing = [f"{table.name}.{column.name}" for table in Base.metadata.sorted_tables
+                   for column in table.columns
+                   if column.name not in {c["name"] for c in found.get_columns(table.name)}]
+        if missing:
+            raise ConfigError(f"the database {self.engine.url.render_as_string(hide_password=True)} was created by an "
+                              f"earlier version of tailoredgen-train and lacks {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}; start the service with a new --data-dir "
+                              "(or --db), or add the columns")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

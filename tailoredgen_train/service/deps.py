@@ -56,7 +56,8 @@ def caller(request: Request, api_token: str | None = Header(default=None, alias=
 
 def caller_of(request: Request) -> Caller:
     """The authenticated caller of a request that went through `caller` (or the console's sign-in)."""
-    return Caller(request.state.caller)
+    who = request.state.caller
+    return Caller(who, service_of(request).auth.organization_of(who))
 
 
 def model_or_404(session: Session, model_id: int, caller: Caller) -> Model:

@@ -2,8 +2,8 @@
 model lookup in Bria's order, the prompt, the settings. The result is a GenerationRequest row for
 the generation worker (generation.py), which renders it.
 
-A model is found only by the token that trained it (`Caller.may_generate_with`: this service has no
-organizations, so a model belongs to the token that started its training); anyone else gets 404.
+Any token of the model's organization generates with it. Another organization's model answers
+/v2 with 403 "Model does not belong to organization" (Bria's documented answer) and /v1 with 404.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..contract import is_fibo
-from ..errors import InvalidParameterError, NotFoundError, PromptError
+from ..errors import ForbiddenError, InvalidParameterError, NotFoundError, PromptError
 from ..inference import GenerationSettings
 from .access import Caller
 from .core import Service
@@ -55,9 +55,9 @@ def fibo_request(service: Service, body: GenerateTailoredRequest, caller: Caller
     settings = _settings(service, family, seed=body.seed, num_images=1, steps=body.steps_num,
                          guidance=body.guidance_scale, aspect_ratio=body.aspect_ratio,
                          influence=body.tailored_model_influence, negative_prompt=body.negative_prompt)
-    return GenerationRequest(id=uuid.uuid4().hex, api="v2", owner=caller.token_id, model_id=model.id,
-                             checkpoint_step=step, family=family, prompt=prompt, plain_prompt=prompt_text,
-                             structured_prompt=structured, settings=settings)
+    return GenerationRequest(id=uuid.uuid4().hex, api="v2", owner=caller.token_id, org=caller.organization,
+                             model_id=model.id, checkpoint_step=step, family=family, prompt=prompt,
+                             plain_prompt=prompt_text, structured_prompt=structured, settings=settings)
 
 
 def legacy_request(service: Service, model_id: int, requested_step: int | None, body: TextToImageTailoredRequest,
@@ -70,8 +70,8 @@ def legacy_request(service: Service, model_id: int, requested_step: int | None, 
     settings = _settings(service, family, seed=body.seed, num_images=body.num_results, steps=body.steps_num,
                          guidance=None, aspect_ratio=body.aspect_ratio, influence=body.model_influence,
                          negative_prompt=body.negative_prompt)
-    return GenerationRequest(id=uuid.uuid4().hex, api="v1", owner=caller.token_id, model_id=model.id,
-                             checkpoint_step=step, family=family, prompt=prompt, settings=settings)
+    return GenerationRequest(id=uuid.uuid4().hex, api="v1", owner=caller.token_id, org=caller.organization,
+                             model_id=model.id, checkpoint_step=step, family=family, prompt=prompt, settings=settings)
 
 
 def model_id_of(value: str | int) -> int:
@@ -84,11 +84,13 @@ def model_id_of(value: str | int) -> int:
 
 def generating_model(session: Session, service: Service, model_id: int, caller: Caller, *, fibo: bool,
                      step: int | None = None) -> tuple[Model, str, int]:
-    """(model, family, checkpoint step) of a model this token may generate with, in Bria's order:
-    404 (missing, or another token's), then 400 (wrong endpoint, not Completed, no such checkpoint)."""
+    """(model, family, checkpoint step) of a model this caller may generate with, in Bria's order:
+    404 (missing), 403 on /v2 for another organization's (404 on /v1, which documents no 403), then
+    400 (wrong endpoint, not Completed, no such checkpoint)."""
+    found = session.get(Model, model_id)
+    if fibo and found is not None and found.status != "Deleted" and not caller.sees(found):
+        raise ForbiddenError("Model does not belong to organization")
     model = model_or_404(session, model_id, caller)
-    if not caller.may_generate_with(model):
-        raise NotFoundError(f"Model not found: there is no model {model_id}")  # another token's: not even its existence
     if is_fibo(model.training_version) != fibo:
         raise BadRequestError(
             f"model {model_id} is a {model.training_version!r} model: FIBO models generate through POST "
@@ -125,8 +127,8 @@ def _settings(service: Service, family: str, *, seed: int | None, **values: Any)
 
 
 def own_generation(service: Service, request_id: str, caller: Caller) -> GenerationRequest:
-    """A generation request of this caller's (GET /v2/status/{id}); another token's is a 404."""
+    """A generation request of this caller's organization (GET /v2/status/{id}); another's is a 404."""
     job = service.generations.load(request_id)
-    if job is None or job.owner != caller.token_id:
+    if job is None or not caller.sees(job):
         raise NotFoundError(f"Request not found: there is no generation request {request_id}")
     return job

@@ -38,8 +38,8 @@ def create_model(service: Service, body: ModelCreate, caller: Caller) -> dict:
                 "models need a fibo dataset, legacy models (max, light, 3.2, 2.3) a legacy one")
         service.family_of(version)
         model = Model(name=body.name, description=body.description, dataset_id=dataset.id,
-                      project_id=dataset.project_id, training_version=version, training_mode=body.training_mode,
-                      training_parameters={})
+                      project_id=dataset.project_id, org=dataset.org, training_version=version,
+                      training_mode=body.training_mode, training_parameters={})
         session.add(model)
         session.flush()
         return model_view(session, model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Literal
 from ..errors import ConfigError
 
 TOKENS_ENV = "TAILOREDGEN_API_TOKENS"
+ORGANIZATION_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 URL_SECRET_ENV = "TAILOREDGEN_URL_SECRET"
 
 
@@ -23,6 +25,9 @@ class ServiceSettings:
     """model family -> base model directory or hub id, e.g. {"fibo": "runs/tiny-fibo-base"}."""
     engine_configs: dict[str, str] = field(default_factory=dict)
     """model family -> engine config YAML; a family without one uses the engine defaults."""
+    organizations: dict[str, str] = field(default_factory=dict)
+    """token -> the organization it belongs to (--tokens-file lines `TOKEN ORGANIZATION`); a token
+    without one is an organization of its own. Organizations never see each other's data."""
     db_url: str | None = None
     version_map: str | None = None
     launcher: Literal["local", "slurm"] = "local"
@@ -64,6 +69,11 @@ class ServiceSettings:
             raise ConfigError(f"no API tokens configured: set {TOKENS_ENV}=token1,token2 or pass --tokens-file FILE")
         if any(len(t) < 8 for t in self.tokens):
             raise ConfigError("every API token must be at least 8 characters long")
+        for token, organization in self.organizations.items():
+            if token not in self.tokens:
+                raise ConfigError("an organization is mapped for a token that is not configured")
+            if not ORGANIZATION_NAME.fullmatch(organization):
+                raise ConfigError(f"organization {organization[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
         if not self.bases:
             raise ConfigError("no base model configured: pass --base FAMILY=PATH_OR_ID, "
                               "e.g. --base fibo=runs/tiny-fibo-base")
@@ -120,16 +130,40 @@ class ServiceSettings:
 
 
 def load_tokens(tokens_file: str | None = None, environ: dict[str, str] | None = None) -> list[str]:
-    """Tokens from TAILOREDGEN_API_TOKENS (comma-separated) and/or a file (one per line, # comments)."""
+    """Tokens from TAILOREDGEN_API_TOKENS (comma-separated) and/or a file (one per line, # comments;
+    a line may name the token's organization after it: `TOKEN ORGANIZATION`)."""
     environ = os.environ if environ is None else environ
     tokens = [t.strip() for t in environ.get(TOKENS_ENV, "").split(",") if t.strip()]
-    if tokens_file:
-        try:
-            lines = Path(tokens_file).read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --tokens-file {tokens_file}: {exc.strerror}") from None
-        tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    tokens += list(_token_lines(tokens_file))
     return list(dict.fromkeys(tokens))
+
+
+def load_organizations(tokens_file: str | None) -> dict[str, str]:
+    """token -> organization, from the --tokens-file lines that name one."""
+    return {token: organization for token, organization in _token_lines(tokens_file).items() if organization}
+
+
+def _token_lines(tokens_file: str | None) -> dict[str, str | None]:
+    if not tokens_file:
+        return {}
+    try:
+        lines = Path(tokens_file).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --tokens-file {tokens_file}: {exc.strerror}") from None
+    found: dict[str, str | None] = {}
+    for number, line in enumerate(lines, 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) > 2:
+            raise ConfigError(f"--tokens-file {tokens_file}, line {number}: expected `TOKEN` or `TOKEN ORGANIZATION`, "
+                              f"found {len(words)} words")
+        token, organization = words[0], (words[1] if len(words) == 2 else None)
+        if token in found and found[token] != organization:
+            raise ConfigError(f"--tokens-file {tokens_file}, line {number}: this token is listed twice with different "
+                              "organizations")
+        found[token] = organization
+    return found
 
 
 def parse_assignments(values: list[str], flag: str) -> dict[str, str]:

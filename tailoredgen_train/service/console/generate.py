@@ -38,7 +38,7 @@ def _generate_page(request: Request, caller: Caller, model_id: int | None, step:
     service = service_of(request)
     with service.db.transaction() as session:
         query = caller.scope(select(Model).where(Model.status == "Completed").order_by(Model.id.desc()))
-        usable = [m for m in session.scalars(query) if caller.may_generate_with(m)]
+        usable = list(session.scalars(query))
         chosen = next((m for m in usable if m.id == model_id), usable[0] if usable else None)
         steps = checkpoint_steps(session, chosen) if chosen is not None else []
         choice = None

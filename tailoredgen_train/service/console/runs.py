@@ -108,7 +108,6 @@ def run_page(request: Request, caller: Caller, model_id: int, *, status: int = 2
         view = model_view(session, model)
         dataset = dataset_view(session, dataset_or_404(session, model.dataset_id, caller))
         project = project_view(project_or_404(session, model.project_id, caller))
-        may_generate = caller.may_generate_with(model)
     run_dir = service.runner.run_dir(model_id)
     downloads = {}
     for step in view["checkpoint_steps"]:
@@ -120,11 +119,11 @@ def run_page(request: Request, caller: Caller, model_id: int, *, status: int = 2
                 progress=progress_view(run_dir, view["status"]), active=view["status"] in ACTIVE,
                 contract=contract_fields(view["training_version"]), form=form or {},
                 log=models.log_tail(service, model_id, LOG_LINES), final_download=final,
-                **_samples_context(service, model_id, view, downloads, may_generate),
+                **_samples_context(service, model_id, view, downloads),
                 **(refused.context() if refused else {}))
 
 
-def _samples_context(service, model_id: int, view: dict, downloads: dict[int, str], may_generate: bool) -> dict:
+def _samples_context(service, model_id: int, view: dict, downloads: dict[int, str]) -> dict:
     renders = []
     for render in find_renders(service.runner.run_dir(model_id)):
         prompts = read_prompts(render.folder)
@@ -133,7 +132,7 @@ def _samples_context(service, model_id: int, view: dict, downloads: dict[int, st
         renders.append({"step": render.step, "kind": render.kind, "samples": files})
     prompts = [_prompt_title(s.get("prompt")) for s in renders[0]["samples"]] if renders else []
     return {"renders": renders, "prompts": prompts, "downloads": downloads,
-            "generate": view["status"] == "Completed" and may_generate}
+            "generate": view["status"] == "Completed"}
 
 
 def _prompt_title(prompt: Any) -> str:
@@ -203,11 +202,9 @@ def samples_fragment(request: Request, model_id: Id, caller: Caller = Depends(co
     with service.db.transaction() as session:
         model = model_or_404(session, model_id, caller)
         view = model_view(session, model)
-        may_generate = caller.may_generate_with(model)
     downloads = {int(s): models.download_link(service, request, model_id, int(s), caller)["download_url"]
                  for s in view["checkpoint_steps"]}
-    return page(request, "_samples.html", model=view, **_samples_context(service, model_id, view, downloads,
-                                                                          may_generate))
+    return page(request, "_samples.html", model=view, **_samples_context(service, model_id, view, downloads))
 
 
 @router.get("/models/{model_id}/renders/{step}/{file_name}")

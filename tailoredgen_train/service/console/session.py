@@ -83,7 +83,7 @@ def signed_in(request: Request) -> Caller:
     except UnauthorizedError:
         raise SignInRequired() from None  # a token the operator has since removed
     request.state.caller = who
-    return Caller(who)
+    return Caller(who, service_of(request).auth.organization_of(who))
 
 
 def _secure(request: Request) -> bool:
