@@ -40,3 +40,13 @@ def tiny_vlm(tmp_path_factory) -> Path:
     from tailoredgen_train.fixtures.tiny_vlm import make_tiny_vlm
 
     return make_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two
+    contending ones (OpenMP barriers), and every comparison in a module runs under the same setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

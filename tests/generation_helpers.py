@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -55,11 +54,3 @@ def pixels(images: list[GeneratedImage]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(item.image)) for item in images])
 
 
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two
-    contending ones (OpenMP barriers), and every comparison in a module runs under the same setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

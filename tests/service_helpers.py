@@ -11,8 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 import uvicorn
@@ -66,6 +67,23 @@ class SleepingBackend(LocalBackend):
     def __init__(self):
         super().__init__()
         self._launcher.command = lambda job_file: [sys.executable, "-c", "import time; time.sleep(600)"]
+
+    def kill_all(self) -> None:
+        """Kill the sleeping stand-ins still running (a test's server is gone; nothing else will)."""
+        for pid, process in list(self._children.items()):
+            if process.poll() is None:
+                os.killpg(pid, signal.SIGKILL)
+                process.wait()
+
+
+@contextmanager
+def two_family_server(tmp: Path, fibo_base: Path, legacy_bases: dict[str, Path]) -> Iterator[ThreadServer]:
+    """A server of the fibo and bria-3.2 families on a SleepingBackend (no training runs)."""
+    backend = SleepingBackend()
+    settings = settings_for(tmp, fibo_base, bases={"fibo": str(fibo_base), "bria-3.2": str(legacy_bases["bria-3.2"])})
+    with ThreadServer(settings, backend) as running:
+        yield running
+    backend.kill_all()
 
 
 class ThreadServer:

@@ -39,14 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["--string-tokens", "3", "--max-pixels", str(TINY_MAX_PIXELS // 4)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the tiny model's ops are microseconds: with several threads on a busy 2-core machine they
-    # wait on each other more than they compute
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny VLM: one intra-op thread is faster
 
 
 @pytest.fixture(scope="module")

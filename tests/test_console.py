@@ -16,7 +16,6 @@ from console_helpers import Console, shown, text_of
 from service_helpers import (COLLEAGUE_TOKEN, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client,
                              completed_fibo_dataset, create_model, sample_rows, settings_for, upload_sample)
 from tailoredgen_train.data import SAMPLE_DATASET_DIR
-from test_service_api import _stop_all
 from test_service_generation import completed_model, fibo_body, v2
 
 
@@ -26,7 +25,7 @@ def server(tmp_path_factory, tiny_fibo_base):
     backend = SleepingBackend()
     with ThreadServer(settings_for(tmp, tiny_fibo_base), backend) as running:
         yield running
-    _stop_all(backend)
+    backend.kill_all()
 
 
 @pytest.fixture(scope="module")

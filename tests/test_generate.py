@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from generation_helpers import (FAMILY_NAMES, PROMPTS, base_paths, denoiser_with_lora, fast_settings, one_thread,
+from generation_helpers import (FAMILY_NAMES, PROMPTS, base_paths, denoiser_with_lora, fast_settings,
                                 pixels, save_lora)
 from PIL import Image
 from safetensors.torch import save_file

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from generation_helpers import FAMILY_NAMES, PROMPTS, base_paths, denoiser_with_lora, one_thread, save_lora
+from generation_helpers import FAMILY_NAMES, PROMPTS, base_paths, denoiser_with_lora, save_lora
 from PIL import Image
 
 from tailoredgen_train.cli import main

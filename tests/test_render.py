@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
-from generation_helpers import (FAMILY_NAMES, PROMPTS, base_paths, denoiser_with_lora, fast_settings, one_thread,
+from generation_helpers import (FAMILY_NAMES, PROMPTS, base_paths, denoiser_with_lora, fast_settings,
                                 pixels, save_lora)
 from peft.tuners.lora import LoraLayer
 

@@ -6,33 +6,20 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import threading
 
 import pytest
 from PIL import Image as PILImage
 
-from service_helpers import (COLLEAGUE_TOKEN, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client, completed_fibo_dataset,
-                             create_model, sample_rows, settings_for, upload_sample, wait_for_status)
-
-
-def _stop_all(backend: SleepingBackend) -> None:
-    for pid, process in list(backend._children.items()):
-        if process.poll() is None:
-            os.killpg(pid, signal.SIGKILL)
-            process.wait()
+from service_helpers import (COLLEAGUE_TOKEN, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client,
+                             completed_fibo_dataset, create_model, sample_rows, settings_for, two_family_server,
+                             upload_sample, wait_for_status)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_fibo_base, legacy_bases):
-    tmp = tmp_path_factory.mktemp("service-api")
-    backend = SleepingBackend()
-    settings = settings_for(tmp, tiny_fibo_base, bases={"fibo": str(tiny_fibo_base),
-                                                        "bria-3.2": str(legacy_bases["bria-3.2"])})
-    with ThreadServer(settings, backend) as running:
+    with two_family_server(tmp_path_factory.mktemp("service-api"), tiny_fibo_base, legacy_bases) as running:
         yield running
-    _stop_all(backend)
 
 
 @pytest.fixture(scope="module")
@@ -523,7 +510,7 @@ def test_a_token_over_its_training_cap_gets_429_and_others_still_start(tmp_path,
             assert api.post(f"/models/{second}/start_training").status_code == 200  # a slot is free again
             _stop_with(api, second)
             _stop_with(other, third)
-    _stop_all(backend)
+    backend.kill_all()
 
 
 def _stop_with(api, model_id):

@@ -15,7 +15,6 @@ import threading
 from contextlib import contextmanager
 
 import pytest
-import torch
 from PIL import Image as PILImage
 
 from console_helpers import Console
@@ -44,13 +43,7 @@ def vlm_settings(tmp, tiny_fibo_base, legacy_bases, tiny_vlm, **extra):
                         vlm=str(tiny_vlm), **VLM_SETTINGS, **extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the tiny VLM's ops are microseconds: several threads on a busy 2-core machine wait on each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny VLM: one intra-op thread is faster
 
 
 @pytest.fixture(scope="module")

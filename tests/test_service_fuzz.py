@@ -14,7 +14,6 @@ import pytest
 from service_helpers import (TOKEN, SleepingBackend, ThreadServer, client, completed_fibo_dataset, create_model,
                              settings_for)
 from tailoredgen_train.fixtures.tiny_vlm import TINY_MAX_PIXELS
-from test_service_api import _stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,7 @@ def fuzz_server(tmp_path, tiny_fibo_base, tiny_vlm):
         with client(server.url) as api:  # objects with id 1, so that examples reach real rows too
             create_model(api, completed_fibo_dataset(api))
         yield server
-    _stop_all(backend)
+    backend.kill_all()
 
 
 def test_fuzzing_the_openapi_description_finds_no_server_error(fuzz_server, tmp_path):

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from service_helpers import (COLLEAGUE_TOKEN, ORGANIZATION, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client,
-                             completed_fibo_dataset, create_model, poll_generation, settings_for)
+from service_helpers import (COLLEAGUE_TOKEN, ORGANIZATION, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer,
+                             client, completed_fibo_dataset, create_model, poll_generation, settings_for,
+                             two_family_server)
 from tailoredgen_train.data import SAMPLE_TEXT_CAPTION_PREFIX
 from tailoredgen_train.inference import GeneratedImage, LoraPipeline
 from tailoredgen_train.service.auth import token_id
 from tailoredgen_train.service.db import Checkpoint, Database, GenerationRequest, Model, TrainingJob
-from test_service_api import _stop_all
 
 STRUCTURED = json.dumps({"short_description": "a red circle on a pale background"})
 NOT_A_LORA = b"this is not a safetensors file"
@@ -29,13 +29,8 @@ NOT_A_LORA = b"this is not a safetensors file"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_fibo_base, legacy_bases):
-    tmp = tmp_path_factory.mktemp("service-generation")
-    backend = SleepingBackend()
-    settings = settings_for(tmp, tiny_fibo_base, bases={"fibo": str(tiny_fibo_base),
-                                                        "bria-3.2": str(legacy_bases["bria-3.2"])})
-    with ThreadServer(settings, backend) as running:
+    with two_family_server(tmp_path_factory.mktemp("service-generation"), tiny_fibo_base, legacy_bases) as running:
         yield running
-    _stop_all(backend)
 
 
 @pytest.fixture(scope="module")

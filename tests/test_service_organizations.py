@@ -19,7 +19,7 @@ from tailoredgen_train.errors import ConfigError
 from tailoredgen_train.report.html import REPORT_FILE
 from tailoredgen_train.service.db import Base, Database
 from tailoredgen_train.service.settings import ServiceSettings, load_organizations, load_tokens
-from test_service_api import ENDPOINTS, GENERATION_ENDPOINTS, _stop_all, _template
+from test_service_api import ENDPOINTS, GENERATION_ENDPOINTS, _template
 from test_service_generation import completed_model, fibo_body
 
 # routes that take no id of ours: POST /projects creates in the caller's organization, and
@@ -50,7 +50,7 @@ def acme(tmp_path_factory, tiny_fibo_base):
                    "the generation request to settle")
         yield {"server": server, "project": dataset["project_id"], "dataset": dataset_id, "draft": draft,
                "image": image_id, "model": model_id, "request": request_id}
-    _stop_all(backend)
+    backend.kill_all()
 
 
 def _calls(ids: dict) -> list[tuple[str, str, dict]]:
