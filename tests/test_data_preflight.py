@@ -318,3 +318,63 @@ def test_converted_images_are_usable_and_reported_as_notes(tmp_path: Path) -> No
     sizes = {s.sample_id: (s.width, s.height) for s in report.samples}
     assert sizes["rotated.jpg"] == (40, 80)
     assert "rgba.png: note alpha_on_black" in report.format()
+
+
+DEEP = '{"short_description": ' + "[" * 50_000 + "]" * 50_000 + "}"
+
+
+@pytest.mark.parametrize("caption,why", [
+    (DEEP, "nests deeper than 32 levels"),
+    ('{"short_description": "a", "score": Infinity}', "Infinity is not valid JSON"),
+    ('{"short_description": "a", "score": NaN}', "NaN is not valid JSON"),
+])
+def test_captions_must_be_strict_json_of_bounded_depth(tmp_path: Path, caption: str, why: str) -> None:
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png")
+    _jsonl(tmp_path, [{"file_name": "a.png", "caption": caption}, {"file_name": "b.png", "caption": COMPACT}])
+    report = validate_dataset(tmp_path, caption_format="json", min_side=32)
+    assert [(p.file, p.reason) for p in report.problems] == [("a.png", "invalid_json")]
+    assert why in report.problems[0].detail
+    assert [s.sample_id for s in report.samples] == ["b.png"]  # the control: a good caption in the same file
+
+
+def test_a_deep_inline_caption_is_a_malformed_line_not_a_crash(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": ' + "[" * 50_000 + "]" * 50_000
+                                             + "}\n")
+    with pytest.raises(DatasetInvalidError, match="line 1 is not valid JSON .*nests deeper than 32"):
+        read_metadata(tmp_path)
+
+
+def test_depth_is_counted_outside_strings_only() -> None:
+    from tailoredgen_train import strict_json
+
+    assert strict_json.loads('{"a": "' + "[" * 100 + '"}') == {"a": "[" * 100}
+    nested = "[" * 32 + "]" * 32
+    assert strict_json.loads(nested) == eval(nested)  # exactly the limit is accepted
+    with pytest.raises(ValueError, match="deeper than 32"):
+        strict_json.loads("[" + nested + "]")
+
+
+def test_unreadable_files_are_reason_codes_not_tracebacks(tmp_path: Path, monkeypatch) -> None:
+    # tests run as root, which chmod cannot stop: the operating system's refusal is simulated
+    _good(tmp_path)
+    real_open = Image.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("a.png"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", refuse)
+    report = validate_dataset(tmp_path, caption_format="json", min_side=32)
+    assert [(p.file, p.reason) for p in report.problems] == [("a.png", "unreadable")]
+    assert "Permission denied" in report.problems[0].detail and "read access" in report.problems[0].detail
+    assert [s.sample_id for s in report.samples] == ["sub/b.jpg"]
+
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.name == "metadata.jsonl" else real_read(self))
+    with pytest.raises(DatasetInvalidError, match=r"Cannot read .*metadata.jsonl \(Permission denied\)") as raised:
+        validate_dataset(tmp_path, caption_format="json", min_side=32)
+    assert [p.reason for p in raised.value.problems] == ["unreadable"]

@@ -203,7 +203,7 @@ def test_each_invalid_field_is_400_naming_it(api, dataset_id, field, value):
 
 def test_a_body_that_is_not_a_json_object_is_400(api, dataset_id):
     model_id = create_model(api, dataset_id)
-    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b'{"rank": ' + DEEP.encode() + b"}", b'{"rank": NaN}'):
         response = api.post(f"/models/{model_id}/start_training", content=raw,
                             headers={"content-type": "application/json"})
         assert response.status_code == 400 and response.json()["errors"][0]["field_name"] == "body"
@@ -357,12 +357,38 @@ def test_a_file_that_is_not_a_usable_image_is_415(api, server, payload):
     assert leftovers == []  # the staged upload is gone
 
 
-@pytest.mark.parametrize("caption", ["not json", "[1, 2]", '{"a": NaN}', "   "])
+DEEP = "[" * 20_000 + "]" * 20_000  # under the 100,000-character limit, past Python's recursion limit
+
+
+@pytest.mark.parametrize("caption", ["not json", "[1, 2]", '{"a": NaN}', '{"a": Infinity}', "   ",
+                                     '{"short_description": ' + DEEP + "}"])
 def test_a_fibo_caption_must_be_a_json_object(api, caption):
     dataset_id = _draft_dataset(api)
     response = api.post(f"/datasets/{dataset_id}/images", files={"file": ("x.png", _png(128, 128))},
                         data={"caption": caption})
     assert response.status_code == 400 and response.json()["errors"][0]["field_name"] == "caption"
+
+
+def test_deep_json_is_400_everywhere_it_is_sent(api, server, dataset_id):
+    from test_service_generation import completed_model
+
+    model_id = completed_model(server, api, dataset_id)
+    draft = _draft_dataset(api)  # a fibo draft
+    image = upload_sample(api, draft, sample_rows()[0]).json()
+    deep = '{"short_description": ' + DEEP + "}"
+    answers = {
+        "caption": api.put(f"/datasets/{draft}/images/{image['id']}", json={"caption": deep}),
+        "visual_schema": api.put(f"/datasets/{draft}", json={"visual_schema": deep}),
+        "structured_prompt": api.post(f"{server.url}/v2/image/generate/tailored",
+                                      json={"tailored_model_id": str(model_id), "structured_prompt": deep}),
+    }
+    for field, response in answers.items():
+        assert response.status_code == 400 and "deeper than 32" in response.text, (field, response.text)
+        errors = response.json().get("errors")  # generation says it in its message, as for any bad prompt
+        assert errors is None or errors[0]["field_name"] == field
+    assert api.get(f"/datasets/{draft}/images/{image['id']}").json()["caption"] == image["caption"]
+    # the control: the same calls with a shallow object pass
+    assert api.put(f"/datasets/{draft}", json={"visual_schema": '{"style_medium": "photo"}'}).status_code == 200
 
 
 def test_caption_update_validates_and_stores_compact_json(api):

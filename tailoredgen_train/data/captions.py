@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import NoReturn
+
+from .. import strict_json
 
 _ALLOWED_CONTROL = frozenset("\n\t")
 _JSON_TYPE_NAMES = {
@@ -17,21 +18,17 @@ _JSON_TYPE_NAMES = {
 }
 
 
-def _reject_constant(name: str) -> NoReturn:
-    # NaN/Infinity parse in Python but are not JSON, and json.dumps would write them back out.
-    raise ValueError(f"caption contains {name}, which is not valid JSON")
-
-
 def normalize_json_caption(text: str) -> str:
     """Parse a FIBO structured caption and return its compact JSON form.
 
     The top level must be a JSON object. The result is `json.dumps(obj, separators=(",", ":"))`
     with ASCII escaping, so equal captions give equal strings. Raises ValueError with json's
-    line/column message for invalid JSON.
+    line/column message for invalid JSON, and for NaN, Infinity or nesting deeper than
+    strict_json.MAX_DEPTH.
     """
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
+        obj = strict_json.loads(text)
+    except ValueError as e:
         raise ValueError(f"caption is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         kind = _JSON_TYPE_NAMES.get(type(obj), type(obj).__name__)

@@ -37,13 +37,16 @@ def has_image_extension(name: str | Path) -> bool:
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
+_UNREADABLE = "cannot read the file ({}); give the user running the engine read access to it"
+
+
 def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000, notes: list[str] | None = None) -> Image.Image:
     """Open `path` read-only, decode it fully, apply EXIF orientation and return 8-bit RGB.
 
     Transparent pixels are composited onto black (Bria converts transparent backgrounds to
     black), high-bit-depth images are scaled (not clipped) to 8 bits and animated images give
     their first frame. Raises ImageProblem with reason empty_file, not_an_image, truncated,
-    corrupt, too_many_pixels, unsupported_format or missing_file. Each conversion applied is
+    corrupt, too_many_pixels, unsupported_format, missing_file or unreadable. Each conversion applied is
     appended to `notes` (exif_rotated, alpha_on_black, cmyk_converted, high_bit_depth_scaled,
     first_frame_only), so preflight can tell the user what their images became.
     """
@@ -53,6 +56,8 @@ def load_rgb(path: str | Path, *, max_pixels: int = 64_000_000, notes: list[str]
         size = path.stat().st_size
     except FileNotFoundError:
         raise ImageProblem("missing_file", f"{path} does not exist") from None
+    except PermissionError as e:
+        raise ImageProblem("unreadable", _UNREADABLE.format(e.strerror)) from None
     if size == 0:
         raise ImageProblem("empty_file", "the file is empty (0 bytes)")
     return _open(path, max_pixels, notes)
@@ -74,6 +79,8 @@ def _open(source: Path | io.BytesIO, max_pixels: int, notes: list[str]) -> Image
                 return _decode(im, max_pixels, notes)
     except ImageProblem:
         raise
+    except PermissionError as e:
+        raise ImageProblem("unreadable", _UNREADABLE.format(e.strerror)) from None
     except UnidentifiedImageError:
         raise ImageProblem("not_an_image", "the file is not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

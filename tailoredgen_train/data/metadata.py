@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tailoredgen_train import strict_json
 from tailoredgen_train.errors import DatasetInvalidError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,13 @@ def read_metadata(dataset_dir: Path) -> list[MetadataRow]:
 
 def _read_text(path: Path) -> str:
     """Decode a metadata file as UTF-8 (a BOM is tolerated), with the line of any bad byte."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetInvalidError(
+            f"Cannot read {path} ({e.strerror}): give the user running the engine read access to it.",
+            [Problem(path.name, "unreadable", f"cannot read the file ({e.strerror})", path.name)],
+        ) from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -113,8 +120,8 @@ def _read_jsonl(path: Path) -> list[MetadataRow]:
         if not line.strip():
             continue  # blank lines are harmless
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
+            entry = strict_json.loads(line)
+        except ValueError as e:
             problems.append(Problem(path.name, "malformed_metadata", f"line {number} is not valid JSON ({e})", source))
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):

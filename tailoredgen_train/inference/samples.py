@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .. import strict_json
 from .generate import GeneratedImage
 
 GRID_COLUMNS = 4
@@ -19,7 +20,7 @@ LABEL_CHARS = 160  # a prompt without a short_description is cut to this
 def prompt_label(prompt: str) -> str:
     """What a grid shows under an image: a JSON prompt's short_description, else the text, cut short."""
     try:
-        obj = json.loads(prompt)
+        obj = strict_json.loads(prompt)
     except ValueError:
         obj = None
     if isinstance(obj, dict) and isinstance(obj.get("short_description"), str) and obj["short_description"].strip():

@@ -37,6 +37,7 @@ import torch
 from PIL import Image as PILImage
 from sqlalchemy import select, update
 
+from .. import strict_json
 from ..contract import is_fibo
 from ..data.images import ImageProblem, load_rgb
 from ..errors import CaptionInputError, InvalidParameterError, OutOfMemoryError, RateLimitedError, TailoredGenError
@@ -340,7 +341,7 @@ def normalize_visual_schema(text: str, field: str = "visual_schema") -> str:
     from ..captioning.grammar import CaptionLimits, caption_grammar
 
     try:
-        value = json.loads(text)
+        value = strict_json.loads(text)
         if not isinstance(value, dict):
             raise ValueError("it is not a JSON object")
         caption_grammar(CaptionLimits(), value)  # the check captioning with it makes

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
+from .. import strict_json
 from ..contract import is_fibo
 from ..data.images import ImageProblem, decode_rgb
 from ..errors import FieldError, InvalidParameterError
@@ -85,7 +86,7 @@ def request_refine(service: Service, dataset_id: int, structured_prompt: str, in
             raise BadRequestError(f"dataset {dataset_id} is completed: refine_structured_prompt works for draft "
                                   "datasets only")
     try:
-        compact = json.dumps(json.loads(structured_prompt), separators=(",", ":"), ensure_ascii=False)
+        compact = json.dumps(strict_json.loads(structured_prompt), separators=(",", ":"), ensure_ascii=False)
         if not compact.startswith("{"):
             raise ValueError("it is not a JSON object")
     except ValueError as e:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .. import strict_json
 from ..contract import DatasetRecord, ModelRecord, canonical_version, check_can_start, generation_prefix, is_fibo
 from ..engine.run_log import LOG_FILE
 from ..errors import FieldError, InvalidParameterError, NotFoundError
@@ -61,7 +61,7 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = strict_json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidParameterError([FieldError("the request body is not valid JSON", "body",
                                                 raw[:200].decode("utf-8", "replace"))]) from None

@@ -4,7 +4,6 @@ progress, loss and learning-rate curves, samples beside the baseline, log tail a
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.datastructures import FormData
 
+from ... import strict_json
 from ...contract import LR_SCHEDULERS, RANGES, REQUEST_FIELDS, defaults_for
 from ...errors import NotFoundError, TailoredGenError
 from ...report.metrics import finite_or_none, read_metrics
@@ -63,7 +63,7 @@ def start_fields(form: FormData) -> dict[str, Any]:
         value = value.strip()
         if name != "lr_scheduler":
             try:
-                number = json.loads(value)
+                number = strict_json.loads(value)
             except ValueError:
                 number = None
             value = number if isinstance(number, (int, float)) and not isinstance(number, bool) else value
@@ -139,7 +139,7 @@ def _prompt_title(prompt: Any) -> str:
     """A sample's prompt, shortened for a column heading: a FIBO prompt's short_description."""
     text = prompt if isinstance(prompt, str) else ""
     try:
-        parsed = json.loads(text)
+        parsed = strict_json.loads(text)
     except ValueError:
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("short_description"), str):
