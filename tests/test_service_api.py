@@ -11,7 +11,7 @@ import threading
 import pytest
 from PIL import Image as PILImage
 
-from service_helpers import (COLLEAGUE_TOKEN, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client,
+from service_helpers import (COLLEAGUE_TOKEN, ORGANIZATION, OTHER_TOKEN, TOKEN, SleepingBackend, ThreadServer, client,
                              completed_fibo_dataset, create_model, sample_rows, settings_for, two_family_server,
                              upload_sample, wait_for_status)
 
@@ -451,10 +451,11 @@ def test_checkpoints_are_for_expert_models_and_download_needs_completion(api, da
     assert response.status_code == 400 and "not completed" in response.json()["message"]
 
 
-def test_a_download_link_needs_its_signature(server):
+def test_a_download_link_needs_its_signature(server, api, dataset_id):
     service = server.service
-    path = "/tailored-gen/files/models/1/checkpoints/100/pytorch_lora_weights.safetensors"
-    expires, signature = service.signer.sign(path, 60)
+    model_id = create_model(api, dataset_id)
+    path = f"/tailored-gen/files/models/{model_id}/checkpoints/100/pytorch_lora_weights.safetensors"
+    expires, signature = service.signer.sign(path, 60, ORGANIZATION)
     with client(server.url, token=None) as anonymous:
         url = path.removeprefix("/tailored-gen")
         assert anonymous.get(url, params={"expires": expires, "signature": "0" * 64}).status_code == 401

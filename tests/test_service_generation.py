@@ -318,7 +318,7 @@ def test_the_sample_route_serves_only_png_files_inside_samples(server, api, fibo
 
     def signed(name: str) -> httpx.Response:  # links as the service would sign them, for names it never lists
         path = f"/tailored-gen/files/models/{model_id}/checkpoints/100/samples/{name}"
-        expires, signature = server.service.signer.sign(path, 60)
+        expires, signature = server.service.signer.sign(path, 60, ORGANIZATION)
         return httpx.get(f"{server.url}{path}", params={"expires": expires, "signature": signature})
     assert signed("00.png").status_code == 200  # control: a signed link to a real sample works
     assert signed("evil.png").status_code == 404  # a symlink out of samples/

@@ -9,6 +9,7 @@ import hashlib
 import json
 import sqlite3
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -17,6 +18,7 @@ from service_helpers import (COLLEAGUE_TOKEN, ORGANIZATION, OTHER_TOKEN, TOKEN, 
 from tailoredgen_train.data import SAMPLE_DATASET_DIR
 from tailoredgen_train.errors import ConfigError
 from tailoredgen_train.report.html import REPORT_FILE
+from tailoredgen_train.service.auth import token_id
 from tailoredgen_train.service.db import Base, Database
 from tailoredgen_train.service.settings import ServiceSettings, load_organizations, load_tokens
 from test_service_api import ENDPOINTS, GENERATION_ENDPOINTS, _template
@@ -150,6 +152,20 @@ def test_a_colleague_sees_and_changes_what_the_organization_has(acme):
         before = _fingerprint(server)
         assert colleague.put(f"/datasets/{acme['draft']}", json={"name": "renamed"}).status_code == 200
         assert _fingerprint(server) != before  # the fingerprint sees a change
+
+
+def test_download_links_are_bound_to_the_organization_and_die_with_the_model(acme):
+    server = acme["server"]
+    with client(server.url) as api:
+        model_id = completed_model(server, api, acme["dataset"])
+        link = api.get(f"/models/{model_id}/download").json()["download_url"]
+        assert httpx.get(link).status_code == 200  # the control: a fresh link works without a token
+        path = link.removeprefix(server.url).split("?")[0]
+        expires, signature = server.service.signer.sign(path, 60, f"token-{token_id(OTHER_TOKEN)}")
+        forged = httpx.get(f"{server.url}{path}", params={"expires": expires, "signature": signature})
+        assert forged.status_code == 401  # signed for another organization: not this file's
+        assert api.delete(f"/models/{model_id}").status_code in (200, 204)
+        assert httpx.get(link).status_code == 401  # the model is deleted: its links stop working
 
 
 def test_the_tokens_file_maps_tokens_to_organizations(tmp_path, tiny_fibo_base):

@@ -47,18 +47,21 @@ def test_token_auth_accepts_only_configured_tokens():
             auth.check(bad)
 
 
-def test_signed_links_expire_and_bind_their_path():
+def test_signed_links_expire_and_bind_their_path_and_owner():
     clock = Clock(5000)
     signer = UrlSigner("secret", clock=clock)
-    expires, signature = signer.sign("/files/a", 60)
-    signer.verify("/files/a", expires, signature)
+    expires, signature = signer.sign("/files/a", 60, "acme")
+    signer.verify("/files/a", expires, signature, "acme")
     with pytest.raises(UnauthorizedError):
-        signer.verify("/files/b", expires, signature)
+        signer.verify("/files/b", expires, signature, "acme")
+    for owner in ("other", None):  # another organization's file, or one whose model is gone
+        with pytest.raises(UnauthorizedError):
+            signer.verify("/files/a", expires, signature, owner)
     with pytest.raises(UnauthorizedError):
-        UrlSigner("other-secret", clock=clock).verify("/files/a", expires, signature)
+        UrlSigner("other-secret", clock=clock).verify("/files/a", expires, signature, "acme")
     clock.now += 61
     with pytest.raises(UnauthorizedError, match="expired"):
-        signer.verify("/files/a", expires, signature)
+        signer.verify("/files/a", expires, signature, "acme")
 
 
 def _settings(tmp_path, **overrides):

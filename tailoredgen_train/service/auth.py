@@ -63,18 +63,21 @@ class RateLimiter:
 
 
 class UrlSigner:
-    """Pre-signed download URLs: the path and an expiry, signed with the service's secret."""
+    """Pre-signed download URLs: the path, an expiry and the organization that owns the file, signed
+    with the service's secret. The file route checks the signature against the owner it finds now, so
+    a link stops working when its model is deleted."""
 
     def __init__(self, secret: str, clock=time.time):
         self._key = secret.encode()
         self._clock = clock
 
-    def sign(self, path: str, ttl_s: int) -> tuple[int, str]:
+    def sign(self, path: str, ttl_s: int, owner: str) -> tuple[int, str]:
         expires = int(self._clock()) + ttl_s
-        return expires, self._signature(path, expires)
+        return expires, self._signature(path, expires, owner)
 
-    def verify(self, path: str, expires: int, signature: str) -> None:
-        expected = self._signature(path, expires)
+    def verify(self, path: str, expires: int, signature: str, owner: str | None) -> None:
+        """`owner`: the organization that owns the file now; None when it is gone (the link fails)."""
+        expected = self._signature(path, expires, owner or "")
         if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
             raise UnauthorizedError("Unauthorized: the download link's signature does not match; request a new "
                                     "link from GET /tailored-gen/models/{model_id}/download")
@@ -82,8 +85,8 @@ class UrlSigner:
             raise UnauthorizedError("Unauthorized: the download link has expired; request a new one from "
                                     "GET /tailored-gen/models/{model_id}/download")
 
-    def _signature(self, path: str, expires: int) -> str:
-        return self.digest(f"{path}\n{expires}")
+    def _signature(self, path: str, expires: int, owner: str) -> str:
+        return self.digest(f"{owner}\n{path}\n{expires}")
 
     def digest(self, message: str) -> str:
         """HMAC-SHA256 of `message` with the service's secret (hex); callers prefix their own purpose."""

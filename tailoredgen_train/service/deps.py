@@ -72,9 +72,10 @@ def public_base_url(service: Service, request: Request) -> str:
     return (service.settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def signed_url(service: Service, request: Request, path: str) -> tuple[str, int]:
-    """A pre-signed link to `path` (under FILES_PREFIX) and its expiry (Unix time)."""
-    expires, signature = service.signer.sign(path, service.settings.download_url_ttl_s)
+def signed_url(service: Service, request: Request, path: str, organization: str) -> tuple[str, int]:
+    """A pre-signed link to `path` (under FILES_PREFIX), bound to the organization that owns the
+    file, and its expiry (Unix time)."""
+    expires, signature = service.signer.sign(path, service.settings.download_url_ttl_s, organization)
     return f"{public_base_url(service, request)}{path}?expires={expires}&signature={signature}", expires
 
 

@@ -139,7 +139,8 @@ def download_link(service: Service, request: Request, model_id: int, checkpoint_
             checkpoint_or_404(session, model_id, step)
         family = service.version_map.get(canonical_version(model.training_version), "")
     url, expires = signed_url(service, request,
-                              f"{FILES_PREFIX}/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors")
+                              f"{FILES_PREFIX}/models/{model_id}/checkpoints/{step}/pytorch_lora_weights.safetensors",
+                              model.org)
     return {"download_url": url, **base_model_view(family), "checkpoint_step": step, "expires": expires}
 
 

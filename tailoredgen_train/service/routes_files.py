@@ -1,6 +1,7 @@
 """The files behind pre-signed links: a checkpoint's LoRA, its sample images, generated images.
 No api_token here: the link is pre-signed, and its signature and expiry are the credential (a link
-without a valid signature gets 401). A route serves only the files of its own folder: names are
+without a valid signature gets 401). The signature covers the organization that owns the file, as
+the database says now: a link to a deleted model's file stops working. A route serves only the files of its own folder: names are
 matched against a pattern and the resolved path must stay inside that folder."""
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi.responses import FileResponse
 from ..engine.checkpoint import LORA_FILE
 from ..errors import NotFoundError
 from ..inference.validation import SAMPLES_DIR
+from .core import Service
+from .db import Model
 from .deps import file_inside, service_of
 from .schemas import ERROR_RESPONSES, MAX_ID
 from .views import SAMPLE_FILE
@@ -30,7 +33,7 @@ PNG = {200: {"content": {"image/png": {}}, "description": "the PNG"}}
             response_class=FileResponse)
 def download_file(request: Request, model_id: ModelId, step: Step, expires: Expires, signature: Signature):
     service = service_of(request)
-    service.signer.verify(request.url.path, expires, signature)
+    service.signer.verify(request.url.path, expires, signature, _model_owner(service, model_id))
     path = service.runner.run_dir(model_id) / f"checkpoint-{step}" / LORA_FILE
     if not path.is_file():
         raise NotFoundError(f"the checkpoint file for model {model_id} step {step} no longer exists")
@@ -45,7 +48,7 @@ def sample_file(request: Request, model_id: ModelId, step: Step,
                 expires: Expires, signature: Signature):
     """A validation image of a checkpoint (the links of GET /models/{id}/checkpoints/{step})."""
     service = service_of(request)
-    service.signer.verify(request.url.path, expires, signature)
+    service.signer.verify(request.url.path, expires, signature, _model_owner(service, model_id))
     folder = service.runner.run_dir(model_id) / f"checkpoint-{step}" / SAMPLES_DIR
     return FileResponse(file_inside(folder, file_name), media_type="image/png")
 
@@ -56,5 +59,13 @@ def generated_file(request: Request, request_id: Annotated[str, PathParam(patter
                    expires: Expires, signature: Signature):
     """An image a generation request rendered."""
     service = service_of(request)
-    service.signer.verify(request.url.path, expires, signature)
+    job = service.generations.load(request_id)
+    service.signer.verify(request.url.path, expires, signature, job.org if job is not None else None)
     return FileResponse(file_inside(service.generations.folder(request_id), file_name), media_type="image/png")
+
+
+def _model_owner(service: Service, model_id: int) -> str | None:
+    """The organization of a model that still exists (a deleted model's links stop working)."""
+    with service.db.transaction() as session:
+        model = session.get(Model, model_id)
+        return model.org if model is not None and model.status != "Deleted" else None

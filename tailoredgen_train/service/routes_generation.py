@@ -106,7 +106,8 @@ def _status_url(service: Service, request: Request, request_id: str) -> str:
 
 def _image_urls(service: Service, request: Request, job: GenerationRequest) -> list[str]:
     # signed when asked for, so a status polled later still gets links that work
-    return [signed_url(service, request, f"{FILES_PREFIX}/generations/{job.id}/{name}")[0] for name in job.images]
+    return [signed_url(service, request, f"{FILES_PREFIX}/generations/{job.id}/{name}", job.org)[0]
+            for name in job.images]
 
 
 def _status_view(service: Service, request: Request, job: GenerationRequest) -> dict[str, Any]:

@@ -128,14 +128,15 @@ def get_checkpoint(model_id: ModelId, checkpoint_step: Step, request: Request) -
     """The checkpoint, with pre-signed links to the validation images rendered when it was saved."""
     service = service_of(request)
     with service.db.transaction() as session:
-        expert_model(session, model_id, caller_of(request))
+        organization = expert_model(session, model_id, caller_of(request)).org
         body = checkpoint_view(checkpoint_or_404(session, model_id, checkpoint_step))
     folder = service.runner.run_dir(model_id) / f"checkpoint-{checkpoint_step}"
     prefix = f"{FILES_PREFIX}/models/{model_id}/checkpoints/{checkpoint_step}/samples"
-    body["samples"] = [{"image_url": signed_url(service, request, f"{prefix}/{s['file']}")[0], "prompt": s["prompt"],
-                        "seed": s["seed"]} for s in checkpoint_samples(folder)]
+    body["samples"] = [{"image_url": signed_url(service, request, f"{prefix}/{s['file']}", organization)[0],
+                        "prompt": s["prompt"], "seed": s["seed"]} for s in checkpoint_samples(folder)]
     grid = folder / "samples" / "grid.png"
-    body["samples_grid_url"] = signed_url(service, request, f"{prefix}/grid.png")[0] if grid.is_file() else None
+    body["samples_grid_url"] = (signed_url(service, request, f"{prefix}/grid.png", organization)[0]
+                                if grid.is_file() else None)
     return body
 
 
