@@ -8,6 +8,7 @@ import io
 import json
 import threading
 
+import httpx
 import pytest
 from PIL import Image as PILImage
 
@@ -591,3 +592,50 @@ def test_an_upload_that_fails_after_storing_its_file_leaves_no_file(api, server,
     monkeypatch.undo()
     assert list(server.service.dataset_dir(dataset_id).iterdir()) == []
     assert api.get(f"/datasets/{dataset_id}").json()["images_count"] == 0
+
+
+# ---- what a client written for Bria's hosted API expects ------------------------------------------
+
+
+def test_a_dataset_takes_its_project_s_training_version_when_it_names_none(api):
+    project = api.post("/projects", json={"project_name": "p", "ip_medium": "illustration", "ip_type": "icons",
+                                          "training_version": "fibo"}).json()
+    dataset = api.post("/datasets", json={"project_id": project["id"], "name": "d"})
+    assert dataset.status_code == 201 and dataset.json()["training_version"] == "fibo"
+    unlocked = api.post("/projects", json={"project_name": "p", "ip_medium": "illustration", "ip_type": "icons"}).json()
+    legacy = api.post("/datasets", json={"project_id": unlocked["id"], "name": "d"}).json()
+    assert legacy["training_version"] == "max"  # Bria's default for a project without one
+    assert api.get(f"/projects/{unlocked['id']}").json()["training_version"] == "max"  # and it locks the project
+    missing = api.post("/datasets", json={"project_id": 999999, "name": "d"})
+    assert missing.status_code == 404 and missing.json()["message"].startswith("Project not found")
+
+
+def test_a_fibo_caption_may_be_sent_as_a_json_object(api):
+    dataset_id = _draft_dataset(api)
+    image = upload_sample(api, dataset_id, sample_rows()[0]).json()
+    path = f"/datasets/{dataset_id}/images/{image['id']}"
+    as_object = api.put(path, json={"caption": {"short_description": "a red circle", "style_medium": "vector"}})
+    assert as_object.status_code == 200, as_object.text
+    assert as_object.json()["caption"] == '{"short_description":"a red circle","style_medium":"vector"}'
+    as_string = api.put(path, json={"caption": '{"short_description": "a red circle", "style_medium": "vector"}'})
+    assert as_string.json()["caption"] == as_object.json()["caption"]
+    refused = api.put(path, json={"caption": ["not", "an", "object"]})
+    assert refused.status_code == 400 and refused.json()["errors"][0]["field_name"] == "caption"
+
+
+def test_the_management_api_also_answers_under_bria_s_v1_prefix(api, server):
+    project = api.post("/projects", json={"project_name": "p", "ip_medium": "illustration", "ip_type": "icons"}).json()
+    with client(server.url, token=None) as anonymous:
+        assert anonymous.get(f"{server.url}/v1/tailored-gen/projects/{project['id']}").status_code == 401
+    bria_style = api.get(f"{server.url}/v1/tailored-gen/projects/{project['id']}")
+    assert bria_style.status_code == 200 and bria_style.json() == api.get(f"/projects/{project['id']}").json()
+    created = api.post(f"{server.url}/v1/tailored-gen/datasets", json={"project_id": project["id"], "name": "v1"})
+    assert created.status_code == 201 and api.get(f"/datasets/{created.json()['id']}").status_code == 200
+    assert "/v1/tailored-gen/projects" not in server.app.openapi()["paths"]  # documented once, under /tailored-gen
+
+
+def test_the_root_page_links_the_docs_the_console_and_health(server):
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for link in ('href="/docs"', 'href="/console"', 'href="/healthz"'):
+        assert link in page.text

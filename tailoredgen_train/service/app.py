@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidParameterError, RateLimitedError, TailoredGenError
@@ -30,6 +30,12 @@ from .schemas import field_errors
 from .settings import ServiceSettings
 
 log = logging.getLogger("tailoredgen_train.service")
+HOME_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tailoredgen-train</title></head>
+<body><h1>tailoredgen-train</h1>
+<p>The Tailored Generation API: <a href="/docs">the API's documentation</a> (<a href="/openapi.json">OpenAPI</a>),
+<a href="/console">the web console</a>, <a href="/healthz">health</a>.</p></body></html>
+"""
 
 
 def error_response(request: Request, exc: TailoredGenError) -> JSONResponse:
@@ -110,6 +116,10 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def home() -> str:
+        return HOME_PAGE
+
     from .routes_captioning import router as captioning_router
     from .routes_datasets import router as datasets_router
     from .routes_files import router as files_router
@@ -120,6 +130,8 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
     app.include_router(datasets_router, prefix="/tailored-gen", dependencies=authenticated)
     app.include_router(captioning_router, prefix="/tailored-gen", dependencies=authenticated)
     app.include_router(models_router, prefix="/tailored-gen", dependencies=authenticated)
+    for router in (datasets_router, captioning_router, models_router):  # Bria's clients call /v1/tailored-gen/...
+        app.include_router(router, prefix="/v1/tailored-gen", dependencies=authenticated, include_in_schema=False)
     app.include_router(generation_router, dependencies=authenticated)  # Bria's /v2 and /v1 paths
     app.include_router(files_router, prefix="/tailored-gen")  # pre-signed: the signature is the credential
     mount_console(app)  # /console: the web console (its own sign-in cookie; not in the OpenAPI description)

@@ -28,6 +28,7 @@ from .schemas import ILLUSTRATION_ONLY, CaptionUpdate, DatasetCreate, DatasetUpd
 from .views import dataset_view, image_view, project_view
 
 MAX_IMAGES = 200  # Bria's limit for a basic dataset
+DEFAULT_VERSION = "max"  # Bria's default training_version for a dataset of a project without one
 MAX_UPLOAD_BYTES = 64 * 2**20
 MIN_IMAGES_TO_COMPLETE = {"fibo": 5, "legacy": 1}  # Bria: FIBO needs 5 images, legacy 1
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
@@ -119,20 +120,26 @@ def create_project(service: Service, body: ProjectCreate, caller: Caller) -> dic
 
 
 def create_dataset(service: Service, body: DatasetCreate, caller: Caller) -> dict:
-    service.family_of(body.training_version)
-    if body.caption_prefix and is_fibo(body.training_version):
+    """POST /datasets. Without a training_version the dataset takes its project's (max for a project
+    that has none yet)."""
+    version = body.training_version
+    if version is None:
+        with service.db.transaction() as session:
+            version = project_or_404(session, body.project_id, caller).training_version or DEFAULT_VERSION
+    service.family_of(version)
+    if body.caption_prefix and is_fibo(version):
         raise InvalidParameterError.single("caption_prefix", body.caption_prefix,
                                            "FIBO datasets take no caption_prefix: their captions are structured JSON")
-    values = body.model_dump()
+    values = {**body.model_dump(), "training_version": version}
     if body.visual_schema is not None:
-        values["visual_schema"] = _visual_schema(body.visual_schema, body.training_version)
+        values["visual_schema"] = _visual_schema(body.visual_schema, version)
     with service.db.transaction() as session:
         project = project_or_404(session, body.project_id, caller)
         if project.training_version is None:
-            project.training_version = body.training_version  # the first dataset locks the project's family
-        elif family_kind(project.training_version) != family_kind(body.training_version):
+            project.training_version = version  # the first dataset locks the project's family
+        elif family_kind(project.training_version) != family_kind(version):
             raise InvalidParameterError.single(
-                "training_version", body.training_version,
+                "training_version", version,
                 f"project {project.id} is locked to {project.training_version!r}: FIBO and legacy versions "
                 "(max, light, 3.2, 2.3) cannot share a project")
         dataset = Dataset(**values, org=project.org)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..contract import ASPECT_RATIOS
 from ..errors import FieldError
@@ -58,7 +59,8 @@ VISUAL_SCHEMA_DOC = ("FIBO datasets: a JSON object as a string, the caption valu
 class DatasetCreate(Strict):
     project_id: Id
     name: Name
-    training_version: VERSIONS = "max"
+    training_version: VERSIONS | None = Field(default=None, description="default: the project's training_version, "
+                                                                      "or max when the project has none yet")
     caption_prefix: LongText | None = Field(default=None, description="legacy datasets only")
     visual_schema: VisualSchema | None = Field(default=None, description=VISUAL_SCHEMA_DOC)
     upload_type: Literal["basic"] = "basic"
@@ -71,8 +73,17 @@ class DatasetUpdate(Strict):
     visual_schema: VisualSchema | None = Field(default=None, description=f"{VISUAL_SCHEMA_DOC}; while draft")
 
 
+def _caption_text(value: Any) -> Any:
+    # a FIBO caption may be sent as a JSON object as well as a JSON string holding one
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else value
+
+
+CaptionText = Annotated[str, BeforeValidator(_caption_text), Field(max_length=100_000), AfterValidator(_storable)]
+
+
 class CaptionUpdate(Strict):
-    caption: Annotated[str, Field(max_length=100_000), AfterValidator(_storable)] | None = None
+    caption: CaptionText | None = Field(default=None, description="the caption: text, or for FIBO a JSON object (or "
+                                                                  "a string holding one)")
     regenerate_caption: bool | None = Field(default=None, description="true: the captioning worker writes a new "
                                                                       "caption (caption_source pending, then "
                                                                       "automatic)")
