@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,32 @@ def test_serve_refuses_an_engine_config_of_another_family(tmp_path):
     with pytest.raises(ConfigError, match="family mismatch: --engine-config fibo=.*bria-3.2-tiny.yaml is written for "
                                           "family bria-3.2"):
         create_app(_settings(tmp_path, engine_configs={"fibo": str(configs / "bria-3.2-tiny.yaml")}))
+
+
+def test_serve_refuses_a_data_dir_it_cannot_write_with_one_line(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TAILOREDGEN_API_TOKENS", "token-0001")
+    code = cli.main(["serve", "--data-dir", str(blocker / "data"), "--base", "fibo=base"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USER_ERROR and "Traceback" not in err
+    assert f"--data-dir {blocker / 'data'} cannot be used" in err and "pass a folder the service can create" in err
+
+
+def test_staged_uploads_a_crash_left_are_removed_at_start_up(tmp_path, tiny_fibo_base):
+    from service_helpers import ThreadServer, settings_for
+
+    settings = settings_for(tmp_path, tiny_fibo_base)
+    folder = settings.data_dir / "datasets" / "dataset-1"
+    folder.mkdir(parents=True)
+    old, fresh, image = folder / ".upload-0123abcd", folder / ".upload-4567ef01", folder / "00000001.png"
+    for path in (old, fresh, image):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # cut off by a crash an hour ago
+    with ThreadServer(settings):
+        pass
+    assert not old.exists()
+    assert fresh.exists() and image.exists()  # another live server's upload in flight, and a stored image
 
 
 def test_outcomes_round_trip_and_a_failed_rank_wins(tmp_path):

@@ -63,6 +63,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
         service.runner.poll(startup=True)
         service.generations.fail_unfinished()
         service.captioning.recover()
+        service.remove_upload_staging()
         service.runner.start_watching()
         service.generations.start()
         service.captioning.start()

@@ -3,11 +3,13 @@ captioning workers, auth, limits). `create_app` builds one; handlers reach it th
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from ..config import EngineConfig, load_engine_config
 from ..contract import canonical_version
-from ..errors import InvalidParameterError, UnknownTrainingVersionError
+from ..errors import ConfigError, InvalidParameterError, UnknownTrainingVersionError
 from ..families import ModelFamily, check_config_family, family_class, load_version_map
 from .auth import RateLimiter, TokenAuth, UrlSigner
 from .captioning import CaptioningWorker, VlmPromptExpander
@@ -22,7 +24,7 @@ class Service:
     def __init__(self, settings: ServiceSettings, backend: Backend | None = None,
                  prompt_expander: PromptExpander | None = None):
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _check_data_dir(settings.data_dir)
         self.version_map = load_version_map(settings.version_map)
         for family in settings.bases:
             family_class(family)  # an unknown family name fails at start-up, not at the first training
@@ -74,5 +76,32 @@ class Service:
     def engine_config(self, family: str) -> EngineConfig:
         return self.engine_configs.get(family) or EngineConfig()
 
+    def remove_upload_staging(self, older_than_s: float = 600.0) -> int:
+        """Delete the staged uploads (`.upload-*` in a dataset folder) that a crash cut off: no row
+        refers to them. Run at start-up; an upload stages its file for seconds, so one older than
+        `older_than_s` is no other live server's."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in (self.settings.data_dir / "datasets").glob("dataset-*/.upload-*"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its upload finished meanwhile
+        return removed
+
     def dataset_dir(self, dataset_id: int) -> Path:
         return self.settings.data_dir / "datasets" / f"dataset-{dataset_id}"
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """Create --data-dir if needed and prove it writable, or stop with one line naming it and the fix."""
+    probe = data_dir / f".write-check-{os.getpid()}"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {data_dir} cannot be used ({exc.strerror or exc}): pass a folder the service "
+                          "can create and write (it holds the database, the datasets and the runs)") from None
