@@ -35,6 +35,7 @@ MAX_DECODED_PIXELS = 40_000_000
 VLM_IMAGE_SIDE = 2048  # decoded images are shrunk to this before they wait for the VLM (which takes ~1 MP)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
+
 def regenerate_captions(service: Service, dataset_id: int, caller: Caller) -> dict[str, Any]:
     """Bria's Regenerate All Captions: every image of a draft dataset is queued for a new automatic
     caption (manual ones included). Returns the dataset's view (captions_update_status in_progress
