@@ -129,6 +129,7 @@ def test_the_console_walkthrough_in_chromium(browser, server, shots):
     page.get_by_label("Type of IP").select_option("stylized_scene")
     page.get_by_role("button", name="Create project").click()
     page.wait_for_url(re.compile(r"/console/projects/\d+$"))
+    project_url = page.url
     page.get_by_label("Dataset name").fill("shapes")
     page.get_by_label("Training version").select_option("fibo")
     page.get_by_role("button", name="Create dataset").click()
@@ -245,12 +246,16 @@ def test_the_console_walkthrough_in_chromium(browser, server, shots):
     page.goto(f"{server.url}/console/models/{model_id}")
     assert "/console/sign-in" in page.url
 
-    # another token: no model to generate with, and neither this model nor this image
+    # another organization's token sees none of it: no project listed, every page of it 404, no model
+    # to generate with, neither this model nor this image
     other = browser.new_context().new_page()
     other.goto(f"{server.url}/console/sign-in")
     other.get_by_label("API token").fill(OTHER_TOKEN)
     other.get_by_role("button", name="Sign in").click()
     other.wait_for_url(re.compile(r"/console/projects$"))
+    assert "Shapes" not in other.locator("main").inner_text()
+    for url in (project_url, dataset_url, f"{server.url}/console/models/{model_id}"):
+        assert other.goto(url).status == 404, url
     other.goto(f"{server.url}/console/generate")
     assert "No completed model to generate with yet" in other.content()
     assert other.goto(generation_url).status == 404
