@@ -15,20 +15,20 @@ from concurrent.futures import Future
 from typing import Any
 
 from PIL import Image as PILImage
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from .. import strict_json
 from ..contract import is_fibo
 from ..data.images import ImageProblem, decode_rgb
 from ..errors import FieldError, InvalidParameterError
 from .access import Caller
-from .captioning import AUTOMATIC, FAILED, MANUAL, PENDING, queue_caption
+from .captioning import queue_caption
 from .core import Service
 from .datasets import UnsupportedImageError, UploadTooLargeError, dataset_or_404, require_draft
 from .db import Image, utcnow
 from .deps import BadRequestError
 from .schemas import MAX_IMAGE_BYTES
-from .views import caption_counts, captions_update_status, dataset_view
+from .views import dataset_view
 
 FETCH_TIMEOUT_S = 20.0  # a URL image: the whole download
 MAX_DECODED_PIXELS = 40_000_000
@@ -51,19 +51,6 @@ def regenerate_captions(service: Service, dataset_id: int, caller: Caller) -> di
         view = dataset_view(session, dataset)
     service.captioning.wake()
     return view
-
-
-def caption_status(service: Service, dataset_id: int, caller: Caller) -> dict[str, Any]:
-    """Where a dataset's captions stand: captions_update_status and the images by caption_source
-    (`none`: no caption and none coming)."""
-    with service.db.transaction() as session:
-        dataset_or_404(session, dataset_id, caller)
-        counts = caption_counts(session, dataset_id)
-        sources = dict(session.execute(select(Image.caption_source, func.count())
-                                       .where(Image.dataset_id == dataset_id).group_by(Image.caption_source)).all())
-    by_source = {name: sources.get(name, 0) for name in (PENDING, AUTOMATIC, MANUAL, FAILED)}
-    return {"captions_update_status": captions_update_status(counts), "images": counts["images"], **by_source,
-            "none": sources.get(None, 0)}
 
 
 def request_visual_schema(service: Service, images: Sequence[str], field: str = "images") -> Future[dict[str, Any]]:

@@ -3,6 +3,7 @@ the functions the API's handlers call: a form refuses exactly what the API refus
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -133,7 +134,7 @@ def dataset_page(request: Request, caller: Caller, dataset_id: int, *, status: i
                              "image_name": image["image_name"] if image else problem.file})
     return page(request, "dataset.html", status=status, title=view["name"], dataset=view, project=project,
                 images=images, models=model_views, fibo=is_fibo(view["training_version"]),
-                sources=captions.caption_status(service, dataset_id, caller), uploads=uploads, findings=findings,
+                sources=Counter(i["caption_source"] or "none" for i in images), uploads=uploads, findings=findings,
                 completion=completion, edited=edited or {}, captioner=service.captioning.enabled,
                 schema_form=schema_form or {"visual_schema": pretty_caption(view["visual_schema"])},
                 captioning=captioning,
