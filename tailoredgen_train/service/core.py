@@ -50,6 +50,10 @@ class Service:
         None: FIBO generation needs a structured_prompt."""
         self.generations = GenerationWorker(self.db, settings, self.family, self.runner.run_dir,
                                             lambda: self.prompt_expander)
+        from .bulk_upload import BulkUploads  # here: bulk_upload.py imports this module
+
+        self.bulk_uploads = BulkUploads(self)
+        """the zip uploads (POST /datasets/{id}/images/bulk-upload) this server runs"""
 
     def family_of(self, training_version: str, field_name: str = "training_version") -> str:
         """The model family that trains this version here; a 400 naming the field when none does."""
