@@ -183,10 +183,10 @@ def upload_model(service: Service, body: UploadModelRequest, caller: Caller) -> 
                                  body.training_version))
     if errors:
         raise InvalidParameterError(errors)
-    family = service.family_of(body.training_version)
-    if body.project_id is not None:
+    if body.project_id is not None:  # 404 before any complaint about the file or the version
         with service.db.transaction() as session:
             _legacy_project(project_or_404(session, body.project_id, caller))
+    family = service.family_of(body.training_version)
     source = resolve_source(body.model_url, "model_url", service.settings.import_roots, MAX_LORA_BYTES)
     name = PurePosixPath(urlsplit(body.model_url).path if source.url else source.path.name).name
     if not name.endswith(".safetensors"):
