@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--generation-resolution", action="append", default=[], metavar="FAMILY=PX",
                        help="image side the generation endpoints render for a family (default 1024; e.g. "
                        "fibo=128 for a CPU demo) (repeatable)")
+    serve.add_argument("--import-root", action="append", default=[], metavar="DIR",
+                       help="a folder whose files bulk-upload's zip_url and upload_model's model_url may name by "
+                       "server path (repeatable; default none: only http(s) URLs)")
     serve.add_argument("--vlm", help="captioning model, a hub id (briaai/FIBO-vlm) or a Qwen3-VL folder: automatic "
                        "captions, visual schemas, caption prefixes, refined and plain-text FIBO prompts (loaded on "
                        "first use; CUDA bf16 when available)")
@@ -232,6 +235,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
         public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
         vlm=args.vlm, vlm_string_tokens=args.vlm_string_tokens, vlm_max_pixels=args.vlm_max_pixels,
+        import_roots=[Path(root).resolve() for root in args.import_root],
     )
     serve(settings, args.host, args.port)
     return 0

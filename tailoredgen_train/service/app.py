@@ -17,7 +17,9 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidParameterError, RateLimitedError, TailoredGenError
@@ -26,10 +28,13 @@ from .core import Service
 from .deps import AsciiJSONResponse, caller
 from .generation import PromptExpander
 from .launchers import Backend
-from .schemas import field_errors
+from .schemas import field_errors, rule_errors_of
 from .settings import ServiceSettings
 
 log = logging.getLogger("tailoredgen_train.service")
+DOCS_ASSETS = "/docs-assets"
+"""Swagger UI's and ReDoc's files, served from the installed fastapi-offline package: the API's
+documentation pages load nothing from a CDN, so they work on a cluster without internet access."""
 HOME_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tailoredgen-train</title></head>
 <body><h1>tailoredgen-train</h1>
@@ -63,6 +68,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
         service.runner.poll(startup=True)
         service.generations.fail_unfinished()
         service.captioning.recover()
+        service.bulk_uploads.fail_unfinished()
         service.remove_upload_staging()
         service.runner.start_watching()
         service.generations.start()
@@ -72,11 +78,12 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
         finally:
             service.generations.stop()  # first: its prompts may wait for the captioning worker
             service.captioning.stop()
+            service.bulk_uploads.stop()
             service.runner.stop_watching()
             service.db.dispose()
 
     app = FastAPI(title="tailoredgen-train", version="0.1.0", lifespan=lifespan,
-                  default_response_class=AsciiJSONResponse,
+                  default_response_class=AsciiJSONResponse, docs_url=None, redoc_url=None,
                   description="The Tailored Generation lifecycle: projects, datasets, automatic captions, "
                               "visual schemas and caption prefixes (with a captioning model: serve --vlm), models, "
                               "start/stop training, progress, logs, checkpoints with their sample images, the run "
@@ -106,7 +113,11 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        return AsciiJSONResponse({"errors": [vars(e) for e in field_errors(list(exc.errors()))]}, status_code=400)
+        # every bad field in one answer: the body's cross-field rules too, for the fields pydantic passed
+        errors = field_errors(list(exc.errors()))
+        named = {e.field_name for e in errors}
+        errors += [e for e in rule_errors_of(request.scope.get("route"), exc.body) if e.field_name not in named]
+        return AsciiJSONResponse({"errors": [vars(e) for e in errors]}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
@@ -120,6 +131,8 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     def home() -> str:
         return HOME_PAGE
+
+    _serve_docs_offline(app)
 
     from .routes_captioning import router as captioning_router
     from .routes_datasets import router as datasets_router
@@ -155,6 +168,27 @@ def _document_bria_errors_only(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _serve_docs_offline(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts, styles and icon served by this server."""
+    from importlib.resources import files
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from swagger.io
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
 
 
 def serve(settings: ServiceSettings, host: str, port: int, log_level: str = "info") -> None:

@@ -4,6 +4,7 @@ captioning workers, auth, limits). `create_app` builds one; handlers reach it th
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -50,6 +51,10 @@ class Service:
         None: FIBO generation needs a structured_prompt."""
         self.generations = GenerationWorker(self.db, settings, self.family, self.runner.run_dir,
                                             lambda: self.prompt_expander)
+        from .bulk_upload import BulkUploads  # here: bulk_upload.py imports this module
+
+        self.bulk_uploads = BulkUploads(self)
+        """the zip uploads (POST /datasets/{id}/images/bulk-upload) this server runs"""
 
     def family_of(self, training_version: str, field_name: str = "training_version") -> str:
         """The model family that trains this version here; a 400 naming the field when none does."""
@@ -77,15 +82,18 @@ class Service:
         return self.engine_configs.get(family) or EngineConfig()
 
     def remove_upload_staging(self, older_than_s: float = 600.0) -> int:
-        """Delete the staged uploads (`.upload-*` in a dataset folder) that a crash cut off: no row
-        refers to them. Run at start-up; an upload stages its file for seconds, so one older than
-        `older_than_s` is no other live server's."""
+        """Delete what a crash cut off, which no row refers to: staged uploads (`.upload-*` in a
+        dataset folder and in runs/), and the folders of an unfinished clone or dataset removal
+        (`datasets/.clone-*`, `datasets/.deleted-*`). Run at start-up; each lives for seconds, so one
+        older than `older_than_s` is no other live server's."""
         cutoff = time.time() - older_than_s
+        data = self.settings.data_dir
         removed = 0
-        for path in (self.settings.data_dir / "datasets").glob("dataset-*/.upload-*"):
+        for path in [*data.glob("datasets/dataset-*/.upload-*"), *data.glob("runs/.upload-*"),
+                     *data.glob("datasets/.clone-*"), *data.glob("datasets/.deleted-*")]:
             try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+                if path.lstat().st_mtime < cutoff:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                     removed += 1
             except FileNotFoundError:
                 pass  # its upload finished meanwhile

@@ -85,12 +85,35 @@ class Image(Base):
     updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
 
 
+class BulkUpload(Base):
+    """A dataset's zip upload (Bria allows one per dataset): its progress and every image it refused."""
+
+    __tablename__ = "bulk_uploads"
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending, processing, completed, failed (Bria's values)"""
+    host: Mapped[str] = mapped_column(Text)
+    """the machine whose server runs it: a restarted server fails only its own host's uploads"""
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    """images in the zip (0 until it is read)"""
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    failed_images: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    """[{"filename", "error_code", "error_message"}] of the images refused"""
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """why the upload as a whole failed (the zip could not be fetched or was refused)"""
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
 class Model(Base):
     __tablename__ = "models"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(Text)
     description: Mapped[str] = mapped_column(Text, default="")
-    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    """None for a model uploaded as a LoRA file (POST /models/upload_model)"""
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     org: Mapped[str] = mapped_column(String(80), index=True)
     """the organization that owns it (access.Caller.organization); no other organization sees it"""

@@ -13,8 +13,8 @@ from . import datasets
 from .datasets import MAX_IMAGES, dataset_or_404, image_or_404, project_or_404
 from .db import Dataset, Image, Project
 from .deps import caller_of, service_of
-from .schemas import (ERROR_RESPONSES, MAX_ID, CaptionUpdate, DatasetCreate, DatasetOut, DatasetUpdate, ImageOut,
-                      ProjectCreate, ProjectOut)
+from .schemas import (ERROR_RESPONSES, MAX_ID, BulkUploadRequest, BulkUploadStatusOut, CaptionUpdate, DatasetClone,
+                      DatasetCreate, DatasetOut, DatasetUpdate, ImageOut, ProjectCreate, ProjectOut)
 from .views import dataset_view, image_view, project_view
 
 router = APIRouter(tags=["projects and datasets"], responses=ERROR_RESPONSES)
@@ -42,6 +42,13 @@ def list_projects(request: Request) -> list[dict]:
 def get_project(project_id: ProjectId, request: Request) -> dict:
     with service_of(request).db.transaction() as session:
         return project_view(project_or_404(session, project_id, caller_of(request)))
+
+
+@router.delete("/projects/{project_id}", status_code=204)
+def delete_project(project_id: ProjectId, request: Request) -> Response:
+    """Deletes the project, its datasets with their images, and its models (409 while one trains)."""
+    datasets.delete_project(service_of(request), project_id, caller_of(request))
+    return Response(status_code=204)
 
 
 # ---- datasets ----------------------------------------------------------------------------------
@@ -74,6 +81,20 @@ def update_dataset(dataset_id: DatasetId, body: DatasetUpdate, request: Request)
     return datasets.update_dataset(service_of(request), dataset_id, body, caller_of(request))
 
 
+@router.delete("/datasets/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: DatasetId, request: Request) -> Response:
+    """Deletes the dataset and its images (409 while a model trains on it); models trained on it stay."""
+    datasets.delete_dataset(service_of(request), dataset_id, caller_of(request))
+    return Response(status_code=204)
+
+
+@router.post("/datasets/{dataset_id}/clone", status_code=201, response_model=DatasetOut,
+             response_model_exclude_unset=True)
+def clone_dataset(dataset_id: DatasetId, request: Request, body: DatasetClone | None = None) -> dict:
+    """Clone Dataset As Draft: a draft copy with the images, captions, caption_prefix and visual_schema."""
+    return datasets.clone_dataset(service_of(request), dataset_id, body or DatasetClone(), caller_of(request))
+
+
 # ---- images ------------------------------------------------------------------------------------
 
 
@@ -91,6 +112,18 @@ def list_images(dataset_id: DatasetId, request: Request) -> list[dict]:
         dataset_or_404(session, dataset_id, caller_of(request))
         return [image_view(i) for i in session.scalars(select(Image).where(Image.dataset_id == dataset_id)
                                                         .order_by(Image.id))]
+
+
+@router.post("/datasets/{dataset_id}/images/bulk-upload", status_code=202, response_model=BulkUploadStatusOut)
+def bulk_upload(dataset_id: DatasetId, body: BulkUploadRequest, request: Request) -> dict:
+    """Advanced upload: a zip of up to 5000 images into an empty advanced draft dataset, in the background.
+    Poll GET .../bulk-upload/status."""
+    return service_of(request).bulk_uploads.start(dataset_id, body, caller_of(request))
+
+
+@router.get("/datasets/{dataset_id}/images/bulk-upload/status", response_model=BulkUploadStatusOut)
+def bulk_upload_status(dataset_id: DatasetId, request: Request) -> dict:
+    return service_of(request).bulk_uploads.status(dataset_id, caller_of(request))
 
 
 @router.get("/datasets/{dataset_id}/images/{image_id}", response_model=ImageOut)

@@ -20,7 +20,7 @@ from .db import Checkpoint, Model, utcnow
 from .models import MAX_LOG_LINES, checkpoint_or_404, expert_model
 from .runner import ACTIVE
 from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointDetailOut, CheckpointListOut, DownloadOut, LogOut,
-                      ModelCreate, ModelOut, ModelUpdate, StartTrainingRequest)
+                      ModelCreate, ModelOut, ModelUpdate, StartTrainingRequest, UploadModelRequest)
 from .views import checkpoint_samples, checkpoint_steps, checkpoint_view, model_view, progress_view
 
 router = APIRouter(tags=["models and training"], responses=ERROR_RESPONSES)
@@ -31,6 +31,13 @@ Step = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[100])]
 @router.post("/models", status_code=201, response_model=ModelOut, response_model_exclude_unset=True)
 def create_model(body: ModelCreate, request: Request) -> dict:
     return models.create_model(service_of(request), body, caller_of(request))
+
+
+@router.post("/models/upload_model", response_model=ModelOut, response_model_exclude_unset=True)
+def upload_model(body: UploadModelRequest, request: Request) -> dict:
+    """Bring your own LoRA: a legacy (Bria 3.2 / 2.3) .safetensors LoRA becomes a Completed model once it has loaded
+    into the family's pipeline; generate with it through /v1 and download it like a trained one."""
+    return models.upload_model(service_of(request), body, caller_of(request))
 
 
 @router.get("/models", response_model=list[ModelOut], response_model_exclude_unset=True)

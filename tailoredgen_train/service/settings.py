@@ -54,6 +54,9 @@ class ServiceSettings:
     1024 when absent); tests and CPU-only demos set 64-128."""
     generation_queue_size: int = 64
     """generation requests waiting for the worker; beyond this a new request gets 429."""
+    import_roots: list[Path] = field(default_factory=list)
+    """folders on the server whose files bulk-upload (`zip_url`) and upload_model (`model_url`) may
+    name by path; empty: only http(s) URLs are imported."""
     vlm: str | None = None
     """the captioning model (a hub id such as briaai/FIBO-vlm, or a Qwen3-VL folder): automatic
     captions, visual schemas, caption prefixes, refined prompts and plain-text FIBO prompts. None:
@@ -65,6 +68,10 @@ class ServiceSettings:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        self.import_roots = [Path(root) for root in self.import_roots]
+        for root in self.import_roots:
+            if not root.is_absolute() or not root.is_dir():
+                raise ConfigError(f"--import-root {root}: pass an absolute path to an existing folder")
         if not self.tokens:
             raise ConfigError(f"no API tokens configured: set {TOKENS_ENV}=token1,token2 or pass --tokens-file FILE")
         if any(len(t) < 8 for t in self.tokens):
