@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import (OTHER_TOKEN, TOKEN, CliServer, ThreadServer, client, engine_yaml, sample_rows, settings_for,
-                             wait_until)
+from service_helpers import (OTHER_TOKEN, TOKEN, CliServer, ThreadServer, client, engine_yaml, sample_rows,
+                             settings_for, wait_until)
 
 from tailoredgen_train.errors import RateLimitedError
 from tailoredgen_train.service import datasets
@@ -301,7 +301,8 @@ def test_writes_answer_503_once_the_data_directory_is_gone(tmp_path):
             gone()
             response = api.post("/projects", json=PROJECT)
             assert response.status_code == 503, response.text
-            assert response.json()["code"] == "storage_unavailable" and "nothing was written" in response.json()["message"]
+            body = response.json()
+            assert body["code"] == "storage_unavailable" and "nothing was written" in body["message"]
             assert api.put("/datasets/1", json={"name": "x"}).status_code == 503
             assert httpx.get(f"{server.url}/healthz").status_code == 503
         assert not any(data_dir.iterdir())  # no write recreated anything

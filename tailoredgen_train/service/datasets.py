@@ -49,6 +49,11 @@ class UploadTooLargeError(TailoredGenError):
     http_status = 413
 
 
+def upload_too_large(max_bytes: int) -> UploadTooLargeError:
+    return UploadTooLargeError(f"The upload is larger than this server's limit of {max_bytes / 2**20:g} MiB per image "
+                               "(serve --max-upload-mb): send a smaller file.")
+
+
 class PreflightFailedError(ConflictError):
     """Completing a dataset that fails the training preflight (409); `report` lists every finding."""
 
@@ -303,8 +308,7 @@ def _stage(stream: BinaryIO, staging: Path, max_bytes: int) -> None:
         while chunk := stream.read(_COPY_CHUNK):
             written += len(chunk)
             if written > max_bytes:
-                raise UploadTooLargeError(f"The upload is larger than this server's limit of {max_bytes / 2**20:g} MiB "
-                                          "per image (serve --max-upload-mb): send a smaller file.")
+                raise upload_too_large(max_bytes)
             out.write(chunk)
 
 

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import TailoredGenError
 from .core import Service
-from .datasets import UploadTooLargeError
+from .datasets import UploadTooLargeError, upload_too_large
 from .deps import FILES_PREFIX, authenticate
 
 API_PREFIXES = ("/tailored-gen/", "/v1/", "/v2/")
@@ -108,10 +108,9 @@ class RequestGuard:
                 return limit, UploadTooLargeError(
                     f"The form is larger than {limit / 2**20:g} MiB ({CONSOLE_FILES_PER_FORM} uploads of at most "
                     f"{upload_mib}): upload the images in several goes.")
-            return settings.max_upload_bytes + FORM_FIELDS_BYTES, UploadTooLargeError(
-                f"The upload is larger than this server's limit of {upload_mib} per image (serve --max-upload-mb): "
-                "send a smaller file.")
-        if path.startswith(("/tailored-gen/", "/v1/tailored-gen/")) and path.rsplit("/", 1)[-1] in INLINE_IMAGE_ENDPOINTS:
+            return settings.max_upload_bytes + FORM_FIELDS_BYTES, upload_too_large(settings.max_upload_bytes)
+        endpoint = path.rsplit("/", 1)[-1]
+        if path.startswith(("/tailored-gen/", "/v1/tailored-gen/")) and endpoint in INLINE_IMAGE_ENDPOINTS:
             return settings.max_upload_bytes, BodyTooLargeError(
                 f"The request body is larger than this server's limit of {upload_mib} for the images of one request "
                 "(serve --max-upload-mb): send fewer or smaller images, or http(s) URLs.")

@@ -2,8 +2,9 @@
 No api_token here: the link is pre-signed, and its signature and expiry are the credential (a link
 without a valid signature gets 401). The signature covers the organization that owns the file, as
 the database says now: a link to a deleted model's file stops working. A client's requests with a
-bad signature count against the request rate (--rate-limit), per client address: beyond it, 429. A route serves only the files of its own folder: names are
-matched against a pattern and the resolved path must stay inside that folder."""
+bad signature count against the request rate (--rate-limit), per client address: beyond it, 429.
+A route serves only the files of its own folder: names are matched against a pattern and the
+resolved path must stay inside that folder."""
 
 from __future__ import annotations
 
