@@ -140,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
                        "(shorter captions; CPU demos)")
     serve.add_argument("--vlm-max-pixels", type=int, help="largest image area given to the VLM (default FIBO's "
                        "1024*28*28)")
+    serve.add_argument("--max-upload-mb", type=int, default=50, help="largest image upload, in MiB (413 beyond, "
+                       "refused from the Content-Length or as soon as the streamed body passes it)")
+    serve.add_argument("--max-json-kb", type=int, default=1024, help="largest JSON or form body, in KiB (413 beyond)")
+    serve.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                       help="largest uploaded image, in pixels, checked from its header before decoding (413 beyond)")
+    serve.add_argument("--max-concurrent-decodes", type=int, default=2,
+                       help="uploaded images decoded at once; the others wait (bounds the memory uploads take)")
 
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
@@ -236,6 +243,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
         vlm=args.vlm, vlm_string_tokens=args.vlm_string_tokens, vlm_max_pixels=args.vlm_max_pixels,
         import_roots=[Path(root).resolve() for root in args.import_root],
+        max_upload_bytes=args.max_upload_mb * 2**20, max_json_bytes=args.max_json_kb * 2**10,
+        max_image_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes,
     )
     serve(settings, args.host, args.port)
     return 0

@@ -1,7 +1,8 @@
 """The HTTP service: `create_app(settings)` builds the FastAPI app; `serve()` runs it under uvicorn.
 
 Every endpoint (/tailored-gen, and the generation endpoints under /v2 and /v1) except the pre-signed
-files needs the api_token header and counts against the token's request rate (the web console under
+files needs the api_token header and counts against the token's request rate, both checked before
+the body is read, which has a size limit (limits.py; the web console under
 /console signs in with the same tokens, console/session.py). Errors leave as Bria
 documents them: 400 `{"errors": [...]}` for bad fields, `{"message": ...}` otherwise, and a 500 that
 carries only a request id (the log line with that id has the details).
@@ -24,10 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidParameterError, RateLimitedError, TailoredGenError
 from .console import mount_console
-from .core import Service
+from .core import Service, StorageUnavailableError
 from .deps import AsciiJSONResponse, caller
 from .generation import PromptExpander
 from .launchers import Backend
+from .limits import RequestGuard
 from .schemas import field_errors, rule_errors_of
 from .settings import ServiceSettings
 
@@ -46,7 +48,7 @@ HOME_PAGE = """<!doctype html>
 def error_response(request: Request, exc: TailoredGenError) -> JSONResponse:
     if isinstance(exc, InvalidParameterError):
         return AsciiJSONResponse({"errors": [vars(e) for e in exc.errors]}, status_code=400)
-    if exc.http_status >= 500:
+    if exc.http_status >= 500 and not isinstance(exc, StorageUnavailableError):
         request_id = getattr(request.state, "request_id", "-")
         log.error("request %s failed [%s]: %s", request_id, exc.code, exc.message)
         return AsciiJSONResponse({"message": "Internal server error", "request_id": request_id}, status_code=500)
@@ -80,6 +82,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
             service.captioning.stop()
             service.bulk_uploads.stop()
             service.runner.stop_watching()
+            service.decoder.stop()
             service.db.dispose()
 
     app = FastAPI(title="tailoredgen-train", version="0.1.0", lifespan=lifespan,
@@ -91,6 +94,8 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
                               "Send your token in the `api_token` header.")
     app.state.service = service
     _document_bria_errors_only(app)
+    # inside the request-id middleware below, so that its answers carry the id and are logged
+    app.add_middleware(RequestGuard, service=service, error_response=error_response)
 
     @app.middleware("http")
     async def request_id_and_errors(request: Request, call_next):
@@ -126,6 +131,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None,
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
+        service.check_storage()  # 503 when the data directory is gone: a load balancer takes this server out
         return {"status": "ok"}
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)

@@ -12,6 +12,7 @@ for all of them. The row survives restarts: an upload that a stopped server left
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import tempfile
@@ -29,7 +30,7 @@ from ..data.metadata import read_metadata
 from ..errors import FieldError, InvalidParameterError, NotFoundError, TailoredGenError
 from .access import Caller
 from .core import Service
-from .datasets import MAX_BULK_IMAGES, MAX_UPLOAD_BYTES, dataset_or_404, require_draft, store_image
+from .datasets import MAX_BULK_IMAGES, dataset_or_404, require_draft, store_image
 from .db import BulkUpload, Image, utcnow
 from .deps import BadRequestError, ConflictError
 from .imports import Source, ZipRefusedError, check_zip, fetch, read_member, resolve_source
@@ -41,6 +42,7 @@ UNFINISHED = (PENDING, PROCESSING)
 MAX_ZIP_BYTES = 5 * 2**30  # Bria's limit
 MAX_EXPANDED_BYTES = MAX_BULK_IMAGES * 8 * 2**20  # 40 GB: 5000 images of 8 MB on average
 MAX_CAPTION_BYTES = 2**20
+MAX_MEMBER_BYTES = 64 * 2**20  # a zip member larger than this is refused with the whole zip
 PROGRESS_EVERY = 10  # images between progress writes
 
 
@@ -95,7 +97,7 @@ class BulkUploads:
         return view
 
     def status(self, dataset_id: int, caller: Caller) -> dict[str, Any]:
-        with self.service.db.transaction() as session:
+        with self.service.db.read() as session:
             dataset_or_404(session, dataset_id, caller)
             row = session.get(BulkUpload, dataset_id)
             if row is None:
@@ -148,8 +150,8 @@ class BulkUploads:
                                          "the dataset")
             try:
                 caption = None if automatic else _caption_for(archive, plan, captions, info.filename)
-                data = read_member(archive, info, MAX_UPLOAD_BYTES)
-                store_image(self.service, dataset_id, data, info.filename, caption, caller,
+                data = read_member(archive, info, self.service.settings.max_upload_bytes)
+                store_image(self.service, dataset_id, io.BytesIO(data), info.filename, caption, caller,
                             automatic=True if automatic else None)
                 done += 1
             except TailoredGenError as exc:
@@ -190,7 +192,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 
 
 def _check(archive: zipfile.ZipFile):
-    return check_zip(archive, max_images=MAX_BULK_IMAGES, max_member_bytes=MAX_UPLOAD_BYTES,
+    return check_zip(archive, max_images=MAX_BULK_IMAGES, max_member_bytes=MAX_MEMBER_BYTES,
                      max_total_bytes=MAX_EXPANDED_BYTES)
 
 
@@ -200,7 +202,7 @@ def _metadata_captions(archive: zipfile.ZipFile, plan) -> dict[str, str]:
     captions = {}
     for folder, info in plan.metadata.items():
         with tempfile.TemporaryDirectory(prefix="tailoredgen-bulk-") as tmp:
-            (Path(tmp) / PurePosixPath(info.filename).name).write_bytes(read_member(archive, info, MAX_UPLOAD_BYTES))
+            (Path(tmp) / PurePosixPath(info.filename).name).write_bytes(read_member(archive, info, MAX_MEMBER_BYTES))
             rows = read_metadata(Path(tmp))
         for row in rows:
             if row.caption is not None:

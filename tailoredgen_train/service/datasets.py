@@ -32,7 +32,7 @@ from .views import dataset_view, image_view, project_view
 MAX_IMAGES = 200  # Bria's limit for a basic dataset
 MAX_BULK_IMAGES = 5000  # and for an advanced one (zip uploads)
 DEFAULT_VERSION = "max"  # Bria's default training_version for a dataset of a project without one
-MAX_UPLOAD_BYTES = 64 * 2**20
+_COPY_CHUNK = 2**20
 MIN_IMAGES_TO_COMPLETE = {"fibo": 5, "legacy": 1}  # Bria: FIBO needs 5 images, legacy 1
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
@@ -50,6 +50,11 @@ class UnsupportedImageError(TailoredGenError):
 class UploadTooLargeError(TailoredGenError):
     code = "upload_too_large"
     http_status = 413
+
+
+def upload_too_large(max_bytes: int) -> UploadTooLargeError:
+    return UploadTooLargeError(f"The upload is larger than this server's limit of {max_bytes / 2**20:g} MiB per image "
+                               "(serve --max-upload-mb): send a smaller file.")
 
 
 class PreflightFailedError(ConflictError):
@@ -159,6 +164,7 @@ def create_dataset(service: Service, body: DatasetCreate, caller: Caller) -> dic
 def update_dataset(service: Service, dataset_id: int, body: DatasetUpdate, caller: Caller) -> dict:
     """PUT /datasets/{id}: rename, a legacy caption_prefix or a FIBO visual_schema while draft, or
     complete (status "completed")."""
+    checked = _preflight(service, dataset_id, body, caller) if body.status == "completed" else None
     with service.db.transaction() as session:
         dataset = dataset_or_404(session, dataset_id, caller)
         if body.caption_prefix is not None:
@@ -176,15 +182,24 @@ def update_dataset(service: Service, dataset_id: int, body: DatasetUpdate, calle
         if body.name is not None:
             dataset.name = body.name
         if body.status == "completed" and dataset.status == "draft":
-            _complete(service, session, dataset)
+            _complete(session, dataset, checked)
         dataset.updated_at = utcnow()
         session.flush()
         return dataset_view(session, dataset)
 
 
-def _complete(service: Service, session: Session, dataset: Dataset) -> None:
-    """Freeze the dataset: write its metadata.jsonl and check the folder exactly as training will."""
-    images = list(session.scalars(select(Image).where(Image.dataset_id == dataset.id).order_by(Image.id)))
+def _preflight(service: Service, dataset_id: int, body: DatasetUpdate, caller: Caller) -> tuple | None:
+    """Before completing: write the draft's metadata.jsonl and check the folder exactly as training will.
+    The preflight decodes every image, so it runs outside any transaction (a write transaction would
+    hold the database's write lock for all of it); returns what it checked, for `_complete`."""
+    with service.db.read() as session:
+        dataset = dataset_or_404(session, dataset_id, caller)
+        if dataset.status != "draft":
+            return None
+        images = list(session.scalars(select(Image).where(Image.dataset_id == dataset.id).order_by(Image.id)))
+        legacy_prefix = body.caption_prefix is not None and not is_fibo(dataset.training_version)
+        prefix = body.caption_prefix if legacy_prefix else dataset.caption_prefix
+        checked = _completion_state(images, prefix)
     kind = family_kind(dataset.training_version)
     needed = MIN_IMAGES_TO_COMPLETE[kind]
     if len(images) < needed:
@@ -209,11 +224,25 @@ def _complete(service: Service, session: Session, dataset: Dataset) -> None:
     _write_atomically(folder / JSONL_NAME, lines)
     config = service.engine_config(service.family_of(dataset.training_version)).data
     report = validate_dataset(folder, caption_format="json" if kind == "fibo" else "text", min_side=config.min_side,
-                              max_pixels=config.max_pixels, caption_prefix=dataset.caption_prefix)
+                              max_pixels=config.max_pixels, caption_prefix=prefix)
     if not report.ok:
         raise PreflightFailedError(f"Cannot complete dataset {dataset.id}: it fails the training preflight:\n"
                                    f"{report.format()}", report)
+    return checked
+
+
+def _complete(session: Session, dataset: Dataset, checked: tuple | None) -> None:
+    """Freeze the dataset, if it is still what `_preflight` checked (else 409: send the request again)."""
+    images = session.scalars(select(Image).where(Image.dataset_id == dataset.id).order_by(Image.id))
+    if checked is None or _completion_state(images, dataset.caption_prefix) != checked:
+        raise ConflictError(f"Cannot complete dataset {dataset.id}: its images or captions changed while it was "
+                            "being checked; send the request again.")
     dataset.status = "completed"
+
+
+def _completion_state(images, caption_prefix: str | None) -> tuple:
+    """What a completion checks: every image's file and caption, and the caption prefix."""
+    return caption_prefix, tuple((i.id, i.file_name, i.caption, i.caption_source) for i in images)
 
 
 def _visual_schema(text: str, training_version: str) -> str:
@@ -239,31 +268,31 @@ def add_image(service: Service, dataset_id: int, stream: BinaryIO, file_name: st
               image_name: str | None, caller: Caller) -> dict:
     """POST /datasets/{id}/images: one uploaded file (read from `stream`), checked as training will
     read it, stored under a name the server chooses."""
-    with service.db.transaction() as session:
+    with service.db.read() as session:
         require_draft(dataset_or_404(session, dataset_id, caller), "add images")  # before reading the upload
-    return store_image(service, dataset_id, stream.read(MAX_UPLOAD_BYTES + 1), image_name or file_name, caption,
-                       caller)
+    return store_image(service, dataset_id, stream, image_name or file_name, caption, caller)
 
 
-def store_image(service: Service, dataset_id: int, data: bytes, name: str | None, caption: str | None,
+def store_image(service: Service, dataset_id: int, stream: BinaryIO, name: str | None, caption: str | None,
                 caller: Caller, *, automatic: bool | None = None) -> dict:
-    """Check one image's bytes as training will read them and store it under a name the server
-    chooses: what a single upload and each image of a bulk upload go through. `automatic`: queue an
-    automatic caption (None: when the image has no caption and the dataset captions uploads)."""
-    with service.db.transaction() as session:
+    """Check one image (read from `stream`, at most serve --max-upload-mb) as training will read it and
+    store it under a name the server chooses: what a single upload and each image of a bulk upload go
+    through. `automatic`: queue an automatic caption (None: when the image has no caption and the
+    dataset captions uploads)."""
+    with service.db.read() as session:
         dataset = dataset_or_404(session, dataset_id, caller)
         require_draft(dataset, "add images")
         version = dataset.training_version
     caption = _caption(caption, version)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise UploadTooLargeError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
     folder = service.dataset_dir(dataset_id)
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".upload-{uuid.uuid4().hex}"
-    staging.write_bytes(data)
     stored: Path | None = None
     try:
-        width, height, extension = _check_upload(staging, service.engine_config(service.family_of(version)).data)
+        _stage(stream, staging, service.settings.max_upload_bytes)
+        # concurrent uploads queue for the decoder's threads: their memory is bounded, not multiplied
+        width, height, extension = service.decoder.run(_check_upload, staging, service.engine_config(
+            service.family_of(version)).data, service.settings.max_image_pixels)
         name = (name or "image").encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
         with service.db.transaction() as session:
             dataset = dataset_or_404(session, dataset_id, caller)
@@ -282,6 +311,7 @@ def store_image(service: Service, dataset_id: int, data: bytes, name: str | None
             image.file_name = f"{image.id:08d}{extension}"  # the server names files: no client path reaches disk
             stored = folder / image.file_name
             os.replace(staging, stored)
+            service.check_storage()  # the data directory may have gone while the image was checked
             view = image_view(image)
         if automatic:
             service.captioning.wake()
@@ -300,17 +330,30 @@ def image_limit(dataset: Dataset) -> int:
     return MAX_BULK_IMAGES if dataset.upload_type == "advanced" else MAX_IMAGES
 
 
-def _check_upload(path: Path, data_config) -> tuple[int, int, str]:
-    """(width, height, extension) of an image the engine can train on, or the documented error."""
+def _stage(stream: BinaryIO, staging: Path, max_bytes: int) -> None:
+    """Copy the uploaded file to `staging` a piece at a time, refusing it (413) once it passes `max_bytes`."""
+    written = 0
+    with open(staging, "wb") as out:
+        while chunk := stream.read(_COPY_CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise upload_too_large(max_bytes)
+            out.write(chunk)
+
+
+def _check_upload(path: Path, data_config, max_image_pixels: int) -> tuple[int, int, str]:
+    """(width, height, extension) of an image the engine can train on, or the documented error. The
+    pixel count is checked from the header, before anything is decoded."""
     try:
-        image = load_rgb(path, max_pixels=data_config.max_pixels)
+        image = load_rgb(path, max_pixels=min(data_config.max_pixels, max_image_pixels))
         width, height = image.size
         image.close()
         with PILImage.open(path) as raw:
             extension = _EXTENSIONS[raw.format]
     except ImageProblem as exc:
         if exc.reason == "too_many_pixels":
-            raise UploadTooLargeError(f"the image has too many pixels: {exc.detail}") from None
+            raise UploadTooLargeError(f"The image has too many pixels: {exc.detail} (serve --max-image-pixels); "
+                                      "upload a smaller image.") from None
         raise UnsupportedImageError(f"Unsupported image ({exc.reason}): {exc.detail}. Upload a jpg, png or webp "
                                     "image.") from None
     except (KeyError, OSError):

@@ -2,13 +2,16 @@
 
 SQLite is the embedded default; any SQLAlchemy URL works (PostgreSQL serves several instances).
 On SQLite every transaction starts with BEGIN IMMEDIATE, so that a read followed by a write never
-fails with "database is locked" halfway through: writers queue on the busy timeout instead.
+fails with "database is locked" halfway through: writers queue on the busy timeout instead. A
+`read()` begins DEFERRED: it takes no write lock, so it neither waits for a writer nor holds one up
+(in WAL mode it reads the last committed state).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
@@ -17,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from ..errors import ConfigError
 
+_READ_ONLY = "tailoredgen_read_only"  # execution option of read(): SQLite begins DEFERRED
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -206,10 +210,12 @@ class Database:
         self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_on_connect)
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql(
+                "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"))
         Base.metadata.create_all(self.engine)
         self._check_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
 
     def _check_columns(self) -> None:
         """A database an earlier version created lacks newer columns (there are no migrations yet):
@@ -224,11 +230,24 @@ class Database:
                               f"{' ...' if len(missing) > 5 else ''}; start the service with a new --data-dir "
                               "(or --db), or add the columns")
 
+    def file(self) -> list[Path]:
+        """The SQLite database file, when the database is one ([] for a server database or :memory:)."""
+        database = self.engine.url.database if self.is_sqlite else None
+        return [Path(database)] if database and database != ":memory:" else []
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work: committed when the block ends, rolled back if it raises."""
         with self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A unit of work that only reads: no write lock, so a long write elsewhere never delays it."""
+        with self._read_sessions() as session, session.begin():
+            yield session
+            if session.new or session.dirty or session.deleted:
+                raise RuntimeError("a read() transaction changed rows: use Database.transaction() to write")
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -33,14 +33,14 @@ def create_project(body: ProjectCreate, request: Request) -> dict:
 
 @router.get("/projects", response_model=list[ProjectOut])
 def list_projects(request: Request) -> list[dict]:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         query = caller_of(request).scope(select(Project).order_by(Project.id))
         return [project_view(p) for p in session.scalars(query)]
 
 
 @router.get("/projects/{project_id}", response_model=ProjectOut)
 def get_project(project_id: ProjectId, request: Request) -> dict:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         return project_view(project_or_404(session, project_id, caller_of(request)))
 
 
@@ -61,7 +61,7 @@ def create_dataset(body: DatasetCreate, request: Request) -> dict:
 
 @router.get("/datasets", response_model=list[DatasetOut], response_model_exclude_unset=True)
 def list_datasets(request: Request) -> list[dict]:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         query = caller_of(request).scope(select(Dataset).order_by(Dataset.id))
         return [dataset_view(session, d) for d in session.scalars(query)]
 
@@ -69,7 +69,7 @@ def list_datasets(request: Request) -> list[dict]:
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, response_model_exclude_unset=True)
 def get_dataset(dataset_id: DatasetId, request: Request,
                 max_images: Annotated[int, Query(ge=1, le=MAX_IMAGES)] = MAX_IMAGES) -> dict:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         dataset = dataset_or_404(session, dataset_id, caller_of(request))
         images = list(session.scalars(select(Image).where(Image.dataset_id == dataset_id)
                                       .order_by(Image.id).limit(max_images)))
@@ -108,7 +108,7 @@ def upload_image(dataset_id: DatasetId, request: Request, file: Annotated[Upload
 
 @router.get("/datasets/{dataset_id}/images", response_model=list[ImageOut])
 def list_images(dataset_id: DatasetId, request: Request) -> list[dict]:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         dataset_or_404(session, dataset_id, caller_of(request))
         return [image_view(i) for i in session.scalars(select(Image).where(Image.dataset_id == dataset_id)
                                                         .order_by(Image.id))]
@@ -128,7 +128,7 @@ def bulk_upload_status(dataset_id: DatasetId, request: Request) -> dict:
 
 @router.get("/datasets/{dataset_id}/images/{image_id}", response_model=ImageOut)
 def get_image(dataset_id: DatasetId, image_id: ImageId, request: Request) -> dict:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         return image_view(image_or_404(session, dataset_id, image_id, caller_of(request)))
 
 

@@ -65,6 +65,16 @@ class ServiceSettings:
     """one token allowance for every string value of a caption (shorter captions; tests, CPU demos)."""
     vlm_max_pixels: int | None = None
     """the largest image area given to the VLM (FIBO's 1024*28*28 when None)."""
+    max_upload_bytes: int = 50 * 2**20
+    """the largest image upload; a bigger body is refused with 413 from its Content-Length, or as
+    soon as the streamed body passes it. The captioning endpoints that carry images in their JSON
+    body take this much too."""
+    max_json_bytes: int = 2**20
+    """the largest JSON (or form) body of every other request (413 beyond)."""
+    max_image_pixels: int = 50_000_000
+    """an uploaded image with more pixels is refused (413) from its header, before it is decoded."""
+    max_concurrent_decodes: int = 2
+    """uploads decoded at once (a decode holds up to ~10 bytes per pixel); the others wait their turn."""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -93,7 +103,11 @@ class ServiceSettings:
                                  ("rate_limit_per_minute", self.rate_limit_per_minute, 1),
                                  ("max_concurrent_trainings", self.max_concurrent_trainings, 1),
                                  ("download_url_ttl_s", self.download_url_ttl_s, 1),
-                                 ("generation_queue_size", self.generation_queue_size, 1)):
+                                 ("generation_queue_size", self.generation_queue_size, 1),
+                                 ("max_upload_bytes", self.max_upload_bytes, 1),
+                                 ("max_json_bytes", self.max_json_bytes, 1),
+                                 ("max_image_pixels", self.max_image_pixels, 1),
+                                 ("max_concurrent_decodes", self.max_concurrent_decodes, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         for name, value in (("vlm_string_tokens", self.vlm_string_tokens), ("vlm_max_pixels", self.vlm_max_pixels)):
