@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 PER_INVOCATION = ("run.stop_after_steps", "run.allow_changed_on_resume")
 # a resume state holds a LoRA of one shape: these cannot change whatever the allow list says
 FIXED_SHAPE = ("rank", "lora.target_modules")
-_PATH_FIELDS = ("base", "dataset")
+_PATH_FIELDS = ("base", "dataset", "version_map")
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,7 @@ def _same(name: str, saved: Any, given: Any) -> bool:
     if saved == given:
         return True
     # the same folder written another way (relative, through a link) is the same input
-    return (name in _PATH_FIELDS or name == "version_map") and None not in (saved, given) and \
-        os.path.realpath(saved) == os.path.realpath(given)
+    return name in _PATH_FIELDS and None not in (saved, given) and os.path.realpath(saved) == os.path.realpath(given)
 
 
 def job_changes(saved: JobSpec, requested: JobSpec) -> list[Change]:
