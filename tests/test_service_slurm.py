@@ -1,6 +1,8 @@
 """The Slurm launcher: the packaged sbatch template, submitted with `sbatch`, watched with `squeue`,
-stopped with `scancel`. This machine has no Slurm, so stand-in sbatch/squeue/scancel scripts run
-the rendered batch script as a local process; the script itself, and the training in it, are real."""
+stopped with `scancel`. This machine has no Slurm, so stand-in sbatch/squeue/scancel/srun/scontrol
+scripts run the rendered batch script as a local process (srun: one task per emulated node); the
+script itself, and the training in it, are real. Several nodes are checked with a stand-in python
+on each node that records its launch command and rendezvous variables and waits for SIGTERM."""
 
 from __future__ import annotations
 
