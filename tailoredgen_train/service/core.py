@@ -78,7 +78,7 @@ class Service:
         """decodes uploaded images, a few at a time (serve --max-concurrent-decodes)"""
         if backend is None:
             backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
-                       else SlurmBackend(settings.slurm_template, settings.num_processes))
+                       else SlurmBackend(settings.slurm_template, settings.num_processes, settings.slurm_nodes))
         self.runner = JobRunner(self.db, backend, settings)
         self.auth = TokenAuth(settings.tokens, settings.organizations)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)

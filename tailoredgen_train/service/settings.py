@@ -32,9 +32,12 @@ class ServiceSettings:
     version_map: str | None = None
     launcher: Literal["local", "slurm"] = "local"
     num_processes: int = 1
-    """processes per job for the local launcher (>1 runs `accelerate launch --multi_gpu`)."""
+    """processes (GPUs) per job for the local launcher (>1 runs `accelerate launch --multi_gpu`); per
+    node for the Slurm launcher."""
     slurm_template: str | None = None
     """sbatch template; the packaged one (service/templates/train.sbatch) when None."""
+    slurm_nodes: int = 1
+    """nodes per job for the Slurm launcher, each running num_processes processes."""
     lost_jobs: Literal["resume", "fail"] = "resume"
     """A job whose process is gone without a result (server restart, node loss): relaunch it from
     its last checkpoint, or mark the model Failed."""
@@ -98,7 +101,7 @@ class ServiceSettings:
             raise ConfigError(f"launcher must be 'local' or 'slurm', not {self.launcher!r}")
         if self.lost_jobs not in ("resume", "fail"):
             raise ConfigError(f"lost_jobs must be 'resume' or 'fail', not {self.lost_jobs!r}")
-        for name, value, low in (("num_processes", self.num_processes, 1),
+        for name, value, low in (("num_processes", self.num_processes, 1), ("slurm_nodes", self.slurm_nodes, 1),
                                  ("max_resume_attempts", self.max_resume_attempts, 0),
                                  ("rate_limit_per_minute", self.rate_limit_per_minute, 1),
                                  ("max_concurrent_trainings", self.max_concurrent_trainings, 1),
