@@ -33,6 +33,12 @@ class Service:
             check_config_family(config, family, source=f"--engine-config {family}={settings.engine_configs[family]}",
                                 wanted_by=f"it is given for family {family}")
         self._families = {f: family_class(f)(self.engine_config(f).model) for f in settings.bases}
+        for family in settings.bases:  # a global batch the processes cannot share fails here, not in every job
+            try:
+                self.engine_config(family).accumulation_steps(settings.num_processes)
+            except ConfigError as exc:
+                raise ConfigError(f"the engine config of family {family} with --num-processes "
+                                  f"{settings.num_processes}: {exc.message}") from None
         self.db = Database(settings.database_url)
         if backend is None:
             backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
