@@ -135,17 +135,21 @@ class Checkpointer:
     def save_resume(self, step: int, files: dict[str, Callable[[BinaryIO], object]]) -> Path:
         """Commit a resume state, each file streamed by `files[name](handle)` and hashed as it is
         written, then drop all but the newest KEEP_RESUME_STATES valid ones."""
+        digests: dict[str, Digest] = {}
 
-        def write(staging: Path) -> dict[str, Digest]:
-            return {name: self.storage.write_stream(staging / name, produce) for name, produce in files.items()}
+        def write(staging: Path) -> None:
+            for name, produce in files.items():
+                digests[name] = self.storage.write_stream(staging / name, produce)
 
-        path = self._write(self.resume_path_for(step), step, "resume", write)
+        path = self._write(self.resume_path_for(step), step, "resume", write, digests)
         if self.is_main_process:
             self._valid_resume[step] = True
             self._purge_resume_states()
         return path
 
-    def _write(self, final: Path, step: int, kind: Kind, write: Callable[[Path], dict[str, Digest] | None]) -> Path:
+    def _write(self, final: Path, step: int, kind: Kind, write: Callable[[Path], object],
+               digests: dict[str, Digest] | None = None) -> Path:
+        """`digests`: filled by `write` with the files it hashed (and fsynced) as it wrote them."""
         if not self.is_main_process:
             return final
         staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -153,8 +157,8 @@ class Checkpointer:
             self.storage.makedirs(final.parent)
             self.storage.rmtree(staging)
             self.storage.makedirs(staging)
-            digests = write(staging) or {}
-            self._commit(staging, final, step, kind, digests)
+            write(staging)
+            self._commit(staging, final, step, kind, digests or {})
         except OSError as exc:
             self.storage.rmtree(staging)
             hint = " The disk is full: free space or point --output at a larger volume." \
