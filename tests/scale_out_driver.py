@@ -31,15 +31,21 @@ def tensor_devices(value) -> set[str]:
     return set()
 
 
+def say(line: str) -> None:
+    # one write per line: the processes share the pipe, and print() may write the newline separately
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def record_loads() -> None:
     """Report every resume-state load of this process: the device it asked for, where tensors landed."""
     rank, device = PartialState().process_index, PartialState().device
-    print(f"[rank {rank}] device {device}", flush=True)
+    say(f"[rank {rank}] device {device}")
     torch_load, load_file = torch.load, checkpoint_manager.load_safetensors_file
 
     def report(path, location, loaded):
-        print(f"[rank {rank}] loaded {Path(path).name} map_location={location} "
-              f"devices={','.join(sorted(tensor_devices(loaded)))}", flush=True)
+        say(f"[rank {rank}] loaded {Path(path).name} map_location={location} "
+            f"devices={','.join(sorted(tensor_devices(loaded)))}")
 
     def recording_torch_load(path, *args, **kwargs):
         loaded = torch_load(path, *args, **kwargs)
