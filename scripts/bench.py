@@ -7,7 +7,8 @@
 
 Prints one JSON line per recipe (s_per_step = median of the timed steps after warm-up; each step
 ends in its loss read-back because log_every is 1; for the engine, render_s and render_peak_gib of
-one validation render as training does it, beside the step's peak_gib) and, for `both`, a last
+one validation render as training does it, beside the step's peak_gib; save_s_* and save_host_gib_*
+of one checkpoint as the main process writes it and as every other process waits for it) and, for `both`, a last
 line with ratio_reference_over_engine. Speed targets live in docs/PERFORMANCE.md, never in tests.
 """
 

@@ -7,15 +7,18 @@ Nothing here asserts a speed: it measures and reports (docs/PERFORMANCE.md keeps
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
 import json
 import math
+import re
 import resource
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -176,7 +179,7 @@ def recipe_config(recipe: str, options: BenchOptions, work: Path) -> EngineConfi
     resolution = options.resolution or (1024 if options.full else 128)
     settings = [
         f"data.resolution={resolution}", f"data.min_side={min(resolution, 256)}", "data.batch_size=1",
-        "optim.gradient_accumulation_steps=1", "run.log_with=none", f"run.log_every={options.log_every}",
+        "optim.global_batch_size=1", "run.log_with=none", f"run.log_every={options.log_every}",
         f"run.cache_dir={work / recipe / 'cache'}", f"validation.num_prompts={max(options.render_prompts, 1)}",
         "validation.at_start=false",
     ]
@@ -248,6 +251,52 @@ def _time_render(trainer, device: torch.device) -> dict:
             "render_ok": bool(images)}
 
 
+def _host_memory_kib(field: str) -> int | None:
+    try:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def _timed_save(save) -> tuple[float, float | None]:
+    """Wall time of `save()` and the host memory it needed above the resident memory before it
+    (Linux: the peak is reset through /proc/self/clear_refs; None elsewhere)."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resident high-water mark := current
+        before = _host_memory_kib("VmRSS")
+    except OSError:
+        before = None
+    started = time.perf_counter()
+    save()
+    seconds = time.perf_counter() - started
+    peak = _host_memory_kib("VmHWM")
+    return seconds, None if before is None or peak is None else (peak - before) / 2**20
+
+
+def _time_checkpoint_saves(trainer) -> dict:
+    """One checkpoint (published LoRA + resume state) as the main process saves it, and as every
+    other process of a multi-process run does (only waits for the main one's verdict): per-rank
+    save time and extra host memory."""
+    checkpoints = trainer.checkpoints
+    main_s, main_gib = _timed_save(lambda: checkpoints.save(trainer.denoiser, trainer.progress))
+    # the same manager on a process that is not the main one (one process here: no collective to wait on)
+    other = copy.copy(checkpoints)
+    other.accelerator = SimpleNamespace(is_main_process=False, num_processes=1, device=checkpoints.accelerator.device,
+                                        unwrap_model=checkpoints.accelerator.unwrap_model)
+    other.checkpointer = copy.copy(checkpoints.checkpointer)
+    other.checkpointer.is_main_process = False
+    other_s, other_gib = _timed_save(lambda: other.save(trainer.denoiser, trainer.progress))
+    resume = checkpoints.resume_path_for(trainer.progress.step)
+    return {"save_s_rank0": round(main_s, 3), "save_host_gib_rank0": _round(main_gib),
+            "save_s_other_rank": round(other_s, 4), "save_host_gib_other_rank": _round(other_gib),
+            "resume_state_gib": round(sum(p.stat().st_size for p in resume.iterdir()) / GIB, 4)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     """Build the model, cache (engine) or not (reference), train warmup + steps, report one line."""
     config = recipe_config(recipe, options, work)
@@ -309,6 +358,7 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     history = trainer.train()
     peak, peak_kind = peak_memory(device)
     render = _time_render(trainer, device) if trainer.validator is not None else {}
+    saves = _time_checkpoint_saves(trainer) if recipe == "engine" else {}
     timed = [r.seconds for r in history[options.warmup:]]
     s_per_step = statistics.median(timed)
     bucket = setup.items[0].bucket
@@ -355,6 +405,7 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
         "loss_finite": all(math.isfinite(r.loss) for r in history),
         "loss_mean": round(statistics.fmean(r.loss for r in history), 6),
         **render,
+        **saves,
     }
     accelerator.free_memory()  # drops accelerate's references, so the next recipe starts from an empty device
     del trainer, setup, model, family

@@ -59,8 +59,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step; total_training_steps counts optimizer steps."""
+    global_batch_size: int = 1
+    """Samples per optimizer step on any number of processes (total_training_steps counts optimizer
+    steps): each process accumulates global_batch_size / (data.batch_size x processes) micro-batches,
+    so the same job gives the same LoRA on 1 or N processes, N times faster."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold; 0 disables clipping."""
     weight_decay: float = 1e-3
@@ -81,8 +83,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.optimizer in ("adamw", "adamw_8bit", "adamw_cpu_offload"), "optim.optimizer", self.optimizer,
                  "use adamw, adamw_8bit (needs bitsandbytes) or adamw_cpu_offload")
-        _require(self.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps",
-                 self.gradient_accumulation_steps, "use 1 or more")
+        _require(self.global_batch_size >= 1, "optim.global_batch_size", self.global_batch_size,
+                 "use 1 or more (samples per optimizer step, over all processes)")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, "use 0 (off) or a positive norm")
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use 0 or more")
         for name in ("adam_beta1", "adam_beta2"):
@@ -230,6 +232,21 @@ class EngineConfig:
     model: dict[str, Any] = field(default_factory=dict)
     """Family-specific options, validated by the family (e.g. fibo: max_sequence_length)."""
 
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches each process accumulates per optimizer step: global batch / (micro-batch x
+        processes). A combination that does not divide is refused: rounding would change the result."""
+        global_batch, micro_batch = self.optim.global_batch_size, self.data.batch_size
+        per_step = micro_batch * num_processes
+        if global_batch % per_step:
+            fits = sorted({d for d in range(1, global_batch + 1) if global_batch % (micro_batch * d) == 0})
+            other_counts = f", or run on {' or '.join(map(str, fits))} process(es)" if fits else ""
+            raise ConfigError(
+                f"optim.global_batch_size={global_batch} is not a multiple of data.batch_size ({micro_batch}) x "
+                f"{num_processes} process(es) = {per_step}: use a global batch size that is a multiple of {per_step} "
+                f"(e.g. {per_step * -(-global_batch // per_step)}), a data.batch_size that divides it{other_counts}"
+            )
+        return global_batch // per_step
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -267,6 +284,9 @@ def type_problem(cls: type, key: str, value: Any) -> str | None:
 def _unknown_key_hint(path: str, candidates: list[str]) -> str:
     """The closest valid name to a misspelt dotted key, or where a training parameter goes instead."""
     key = path.rsplit(".", 1)[-1]
+    if path == "optim.gradient_accumulation_steps":  # the engine's own former key, named in old configs
+        return (" (replaced by optim.global_batch_size, the samples per optimizer step on any number of "
+                "processes: data.batch_size x accumulation x processes; accumulation is derived from it)")
     if key in REQUEST_FIELDS:
         return f" ({key} is a training parameter, not an engine option: pass --{key.replace('_', '-')} to train)"
     return did_you_mean(path, candidates)

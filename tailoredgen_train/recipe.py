@@ -235,15 +235,18 @@ def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelera
     apply_block_policy(model.denoiser, blocks, checkpointing=checkpointing, compile_blocks=config.run.compile_blocks,
                        device=accelerator.device)
 
-    sampler = BucketBatchSampler([item.bucket for item in items], config.data.batch_size, config.run.seed,
-                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+    accumulation = config.accumulation_steps(accelerator.num_processes)  # refuses a global batch that does not divide
+    # one global order of micro-batches, whatever the number of processes (no per-process padding)
+    sampler = BucketBatchSampler([item.bucket for item in items], config.data.batch_size, config.run.seed)
     dataset = CachedFeatures(cache, items)
     collate = CollateWithIndices(family.collate)
 
     def batches_from(cursor: int):
+        # global micro-batch j goes to process j % P (micro_batch_position in the trainer);
         # pinned host batches: the step's .to(device, non_blocking=True) copies overlap the host
+        order = sampler.iter_from(cursor + accelerator.process_index, stride=accelerator.num_processes)
         return iter(torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler.iter_from(cursor), collate_fn=collate,
+            dataset, batch_sampler=order, collate_fn=collate,
             num_workers=config.data.num_workers, pin_memory=accelerator.device.type == "cuda",
         ))
 
@@ -269,7 +272,7 @@ def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelera
         sample_ids=[item.sample.sample_id for item in items],
         settings=TrainerSettings(
             total_steps=params.total_training_steps, checkpoint_steps=params.checkpoint_steps(),
-            gradient_accumulation_steps=optim.gradient_accumulation_steps, max_grad_norm=optim.max_grad_norm,
+            gradient_accumulation_steps=accumulation, max_grad_norm=optim.max_grad_norm,
             seed=config.run.seed, log_every=config.run.log_every, log_samples=config.run.log_samples,
             max_consecutive_nonfinite=optim.max_consecutive_nonfinite, stop_after_steps=config.run.stop_after_steps,
             sync_every_step=resolve_host_sync(config.run.host_sync, optimizer, accelerator.device),
@@ -368,6 +371,7 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: Exit
     if lock is not None:
         scope.callback(lock.release)  # after result.json: the run's last write
     accelerator = make_accelerator(config, output_dir)
+    config.accumulation_steps(accelerator.num_processes)  # a global batch the processes cannot share: refused now
     main = accelerator.is_main_process
     checkpointer = Checkpointer(output_dir, is_main_process=main, storage=storage, config_hash=job.fingerprint())
     _check_output_dir(job, checkpointer, accelerator)
@@ -450,7 +454,7 @@ def _startup_summary(job, family_name, accelerator, num_samples, encoded, bucket
                      batches_per_epoch, validation: ValidationPlan | None) -> str:
     params, config = job.params, job.engine
     used = sorted({item.bucket for item in items})
-    effective_batch = config.data.batch_size * config.optim.gradient_accumulation_steps * accelerator.num_processes
+    accumulation = config.accumulation_steps(accelerator.num_processes)
     lines = [
         f"tailoredgen-train {__version__}: training_version={job.training_version} (family {family_name})",
         "resolved training_parameters: " + json.dumps(params.to_dict()),
@@ -459,8 +463,8 @@ def _startup_summary(job, family_name, accelerator, num_samples, encoded, bucket
         f"dataset: {job.dataset_dir} ({num_samples} images; {encoded} encoded by this process, rest cached)",
         f"buckets used: {', '.join(f'{w}x{h}' for w, h in used)} (of {len(buckets)} at resolution {config.data.resolution})",
         f"processes: {accelerator.num_processes} on {accelerator.device.type}, precision {accelerator.mixed_precision}",
-        f"effective batch: {effective_batch} = {config.data.batch_size} x {config.optim.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes; {batches_per_epoch} micro-batches per epoch per process",
+        f"global batch: {config.optim.global_batch_size} = {config.data.batch_size} x {accumulation} "
+        f"accumulation x {accelerator.num_processes} processes; {batches_per_epoch} micro-batches per epoch",
         f"LoRA: rank {params.rank}, alpha {params.rank}, {num_trainable:,} trainable parameters",
         f"validation: {_validation_summary(validation)}",
         f"output: {job.output_dir}",

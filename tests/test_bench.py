@@ -48,6 +48,10 @@ def test_tiny_bench_of_both_recipes_prints_one_line_each_and_the_ratio(tmp_path)
     assert engine["render_ok"] and engine["render_prompts"] == 1 and engine["render_size"] == [128, 128]
     assert engine["render_s"] > 0 and engine["render_peak_gib"] > 0
     assert "render_s" not in reference
+    # and one checkpoint save per rank: only the main process copies, serialises and writes
+    assert engine["save_s_rank0"] > 0 and engine["resume_state_gib"] > 0
+    assert engine["save_host_gib_other_rank"] is None or engine["save_host_gib_other_rank"] < 0.01
+    assert "save_s_rank0" not in reference
 
 
 def test_full_size_fibo_builds_with_the_published_shapes():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tailoredgen_train.config import DataConfig, EngineConfig, load_engine_config
+from tailoredgen_train.config import DataConfig, EngineConfig, engine_config_from_dict, load_engine_config
 from tailoredgen_train.errors import ConfigError
 from tailoredgen_train.families import (
     FAMILIES,
@@ -127,6 +127,8 @@ def test_unknown_model_key_is_refused_by_the_fibo_family(tmp_path):
     ({"rank": 64}, "unknown section(s) rank (rank is a training parameter"),
     ({"data": {"zzz": 1}}, "unknown key(s) data.zzz; 'data' accepts"),  # nothing close: no guess
     ({"run": {"stop_after_step": 2}}, "unknown key(s) run.stop_after_step (did you mean run.stop_after_steps?)"),
+    ({"optim": {"gradient_accumulation_steps": 4}}, "unknown key(s) optim.gradient_accumulation_steps (replaced by "
+                                                    "optim.global_batch_size"),
 ])
 def test_an_unknown_key_in_a_file_is_blamed_on_the_file_with_the_closest_name(tmp_path, raw, message):
     path = _write(tmp_path, raw)
@@ -177,6 +179,26 @@ def test_section_that_is_not_a_mapping_is_refused(tmp_path, section):
         load_engine_config(_write(tmp_path, {section: [1, 2]}))
 
 
+@pytest.mark.parametrize(("global_batch", "batch_size", "processes", "accumulation"), [
+    (4, 1, 1, 4), (4, 1, 2, 2), (4, 1, 4, 1), (4, 2, 1, 2), (6, 1, 3, 2), (8, 2, 2, 2),
+])
+def test_accumulation_is_the_global_batch_shared_by_micro_batches_and_processes(global_batch, batch_size, processes,
+                                                                              accumulation):
+    config = engine_config_from_dict({"optim": {"global_batch_size": global_batch}, "data": {"batch_size": batch_size}})
+    assert config.accumulation_steps(processes) == accumulation
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_with_the_numbers():
+    config = load_engine_config(REPO / "configs" / "fibo.yaml")  # Bria's 1 x 4
+    with pytest.raises(ConfigError) as info:
+        config.accumulation_steps(8)
+    assert info.value.message == (
+        "optim.global_batch_size=4 is not a multiple of data.batch_size (1) x 8 process(es) = 8: use a global batch "
+        "size that is a multiple of 8 (e.g. 8), a data.batch_size that divides it, or run on 1 or 2 or 4 process(es)")
+    with pytest.raises(ConfigError, match=r"= 3: .*\(e\.g\. 6\)"):
+        engine_config_from_dict({"optim": {"global_batch_size": 4}}).accumulation_steps(3)
+
+
 # ---- invalid values ------------------------------------------------------------------------------
 
 
@@ -187,7 +209,7 @@ def test_section_that_is_not_a_mapping_is_refused(tmp_path, section):
         ({"data": {"resolution": 32}}, "data.resolution"),
         ({"data": {"num_workers": -1}}, "data.num_workers"),
         ({"optim": {"adam_beta1": 1.0}}, "optim.adam_beta1"),
-        ({"optim": {"gradient_accumulation_steps": 0}}, "optim.gradient_accumulation_steps"),
+        ({"optim": {"global_batch_size": 0}}, "optim.global_batch_size"),
         ({"optim": {"adam_epsilon": 0}}, "optim.adam_epsilon"),
         ({"run": {"mixed_precision": "fp16"}}, "run.mixed_precision"),
         ({"run": {"log_with": "wandb"}}, "run.log_with"),

@@ -264,10 +264,10 @@ def test_disk_full_keeps_the_previous_checkpoint_valid(tiny_fibo_base, dataset, 
 
 def test_an_io_error_while_writing_the_resume_state_is_reported(tiny_fibo_base, dataset, tmp_path):
     class BrokenDisk(Storage):
-        def write_bytes(self, path, data):
+        def write_stream(self, path, produce):  # resume files are streamed into their staging folder
             if path.name == "optimizer.pt":
                 raise OSError(errno.EIO, "Input/output error")
-            super().write_bytes(path, data)
+            return super().write_stream(path, produce)
 
     with pytest.raises(CheckpointWriteError, match="Input/output error"):
         run_training(JobSpec(base=str(tiny_fibo_base), dataset_dir=str(dataset), output_dir=str(tmp_path / "o"),

@@ -1,5 +1,6 @@
 """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: two gloo processes,
-distinct data shards, one set of checkpoint files."""
+distinct data shards, one set of checkpoint files. (tests/test_scale_out.py compares the LoRA
+with one process's.)"""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def test_two_processes_train_distinct_shards_and_write_one_checkpoint(tiny_fibo_
         "--training-version", "fibo", "--training-mode", "expert", "--total-training-steps", "3",
         "--config", str(REPO / "configs" / "fibo-tiny.yaml"),
         "--set", "run.log_samples=true", "--set", "run.log_with=none",
+        "--set", "optim.global_batch_size=2",  # fibo-tiny's 1 cannot be shared by 2 processes
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
@@ -38,8 +40,8 @@ def test_two_processes_train_distinct_shards_and_write_one_checkpoint(tiny_fibo_
     for rank, step, samples in re.findall(r"\[rank (\d)\] step (\d+) samples (\S+)", log):
         seen[int(rank)][int(step)] = samples
     assert sorted(seen[0]) == sorted(seen[1]) == [1, 2, 3]
-    # 6 images in 5 buckets at batch 1: the first epoch is 3 steps per process, and the two
-    # processes take disjoint batches that together cover the whole dataset
+    # 6 images in 5 buckets at batch 1, a global batch of 2: the first epoch is 3 steps, in each of
+    # which each process takes one micro-batch, and together they cover the whole dataset
     first_epoch = [set(seen[r][s].split(",")) for r in (0, 1) for s in (1, 2, 3)]
     assert set().union(*first_epoch) == {p.name for p in SAMPLE_DATASET_DIR.iterdir() if p.suffix in (".png", ".jpg")}
     assert sum(len(s) for s in first_epoch) == 6

@@ -285,7 +285,7 @@ def test_report_is_self_contained_with_hyperparameters_curves_and_every_render(t
 
     assert "Completed" in text
     for key, value in (("learning_rate", "0.0002"), ("rank", "16"), ("total_training_steps", "150"),
-                       ("checkpoint_interval", "50"), ("gradient_accumulation_steps", "1"),
+                       ("checkpoint_interval", "50"), ("global_batch_size", "1"),
                        ("training_version", "fibo"), ("base", "/models/tiny-fibo-base"),
                        ("dataset_dir", "/data/mascot")):
         assert f"<th>{key}</th><td>{value}</td>" in html, key

@@ -148,6 +148,15 @@ def test_serve_refuses_an_engine_config_of_another_family(tmp_path):
         create_app(_settings(tmp_path, engine_configs={"fibo": str(configs / "bria-3.2-tiny.yaml")}))
 
 
+def test_serve_refuses_a_global_batch_its_processes_cannot_share(tmp_path):
+    from tailoredgen_train.service.app import create_app
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(ConfigError, match=r"the engine config of family fibo with --num-processes 8: "
+                                          r"optim.global_batch_size=4 is not a multiple of .* = 8"):
+        create_app(_settings(tmp_path, engine_configs={"fibo": str(configs / "fibo.yaml")}, num_processes=8))
+
+
 def test_serve_refuses_a_data_dir_it_cannot_write_with_one_line(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator
 
 from tailoredgen_train.engine.checkpoint_manager import CheckpointManager
-from tailoredgen_train.engine.trainer import Progress, Trainer, TrainerSettings, step_seed
+from tailoredgen_train.engine.trainer import (Progress, Trainer, TrainerSettings, micro_batch_position,
+                                              micro_batch_seed)
 from tailoredgen_train.errors import NonFiniteLossError
 
 
@@ -95,7 +96,8 @@ def test_accumulation_averages_micro_batches_and_seeds_each_one():
     weight_sum = float(trainer.denoiser.weight.detach().sum())
     assert record.loss == pytest.approx(weight_sum * 2.0)
     assert torch.allclose(trainer.denoiser.weight.grad, torch.full((1, 2), 2.0))  # (1 + 3) / 2
-    assert trainer.family.seeds == [step_seed(3, 4, 0, 0), step_seed(3, 4, 1, 0)]
+    # one process: its micro-batches are the global positions cursor, cursor + 1
+    assert trainer.family.seeds == [micro_batch_seed(3, 8), micro_batch_seed(3, 9)]
 
 
 def test_clipping_bounds_the_gradient_norm():
@@ -105,9 +107,18 @@ def test_clipping_bounds_the_gradient_norm():
     assert float(trainer.denoiser.weight.grad.norm()) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_step_seeds_differ_by_step_micro_batch_and_process():
-    seeds = {step_seed(0, s, m, r) for s in range(50) for m in range(4) for r in range(8)}
-    assert len(seeds) == 50 * 4 * 8
+def test_micro_batch_seeds_differ_by_position():
+    assert len({micro_batch_seed(0, position) for position in range(2000)}) == 2000
+    assert micro_batch_seed(0, 5) != micro_batch_seed(1, 5)
+
+
+@pytest.mark.parametrize("processes, accumulation", [(1, 4), (2, 2), (4, 1), (3, 2)])
+def test_processes_share_each_global_batch_exactly_once(processes, accumulation):
+    # a step at cursor c covers global micro-batches [c, c + global), whatever the process count
+    cursor = 12
+    positions = [micro_batch_position(cursor, index, rank, processes)
+                 for rank in range(processes) for index in range(accumulation)]
+    assert sorted(positions) == list(range(cursor, cursor + processes * accumulation))
 
 
 def test_non_finite_weights_are_never_saved(monkeypatch):

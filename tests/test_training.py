@@ -123,7 +123,7 @@ def test_learning_rate_zero_changes_nothing(tiny_fibo_base, tmp_path):
 
 
 def test_resumed_run_matches_an_uninterrupted_run_bit_for_bit(tiny_fibo_base, tmp_path):
-    engine = tiny_engine(optim={"gradient_accumulation_steps": 2}, data={"batch_size": 2})
+    engine = tiny_engine(optim={"global_batch_size": 4}, data={"batch_size": 2})  # accumulation 2
     straight = train(tiny_fibo_base, tmp_path / "straight", params(8, rank=4, interval=3), engine=engine)
     first = train(tiny_fibo_base, tmp_path / "resumed", params(6, rank=4, interval=3), engine=engine)
     second = train(tiny_fibo_base, tmp_path / "resumed", params(8, rank=4, interval=3), engine=engine, resume=True)

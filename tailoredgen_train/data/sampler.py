@@ -83,8 +83,10 @@ class BucketBatchSampler:
             self._cached_epoch = epoch
         return list(self._cached_batches[i * self.world_size + self.rank])
 
-    def iter_from(self, cursor: int) -> Iterator[list[int]]:
-        """Endless batches from `cursor` on; usable once as a DataLoader `batch_sampler`."""
+    def iter_from(self, cursor: int, stride: int = 1) -> Iterator[list[int]]:
+        """Endless batches at cursor, cursor + stride, ...; usable once as a DataLoader `batch_sampler`.
+        With world_size 1 and stride P, rank r starting at cursor + r takes every P-th batch of the one
+        global order: the order does not depend on the number of processes."""
         while True:
             yield self.batch_at(cursor)
-            cursor += 1
+            cursor += stride

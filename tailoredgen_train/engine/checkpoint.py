@@ -10,8 +10,10 @@ file's sha256 written last, one rename into place):
         adapter.safetensors  optimizer.pt  state.json  manifest.json
 
 A folder counts only if its manifest verifies: "latest" is the newest folder that verifies, never
-just the highest number. Every file-system call goes through `Storage`, so tests can inject disk
-faults and kills at each phase of a commit.
+just the highest number. Resume files are streamed into the staging folder and hashed as they are
+written (no copy of their bytes in memory, no read-back), and a folder this process committed or
+verified is not hashed again. Every file-system call goes through `Storage`, so tests can inject
+disk faults and kills at each phase of a commit.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Literal
+from typing import BinaryIO, Callable, Literal
 
 from ..errors import CheckpointWriteError
 
@@ -38,6 +40,8 @@ _LEFTOVER = re.compile(r"^\..+\.(tmp|old)-\d+$")
 
 log = logging.getLogger(__name__)
 Kind = Literal["lora", "resume"]
+Digest = tuple[int, str]
+"""(bytes, sha256) of a file, as its manifest records them."""
 
 
 def sha256_file(path: Path) -> str:
@@ -46,6 +50,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class HashingWriter:
+    """A write-only file that hashes what passes through it (torch.save and safetensors write to it)."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += memoryview(data).nbytes
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 class Storage:
@@ -60,10 +81,16 @@ class Storage:
         path.mkdir(parents=True, exist_ok=True)
 
     def write_bytes(self, path: Path, data: bytes) -> None:
+        self.write_stream(path, lambda handle: handle.write(data))
+
+    def write_stream(self, path: Path, produce: Callable[[BinaryIO], object]) -> Digest:
+        """`produce(handle)` writes the file's contents; returns their (bytes, sha256) once on disk."""
         with open(path, "wb") as handle:
-            handle.write(data)
+            writer = HashingWriter(handle)
+            produce(writer)
             handle.flush()
             os.fsync(handle.fileno())
+        return writer.size, writer.digest.hexdigest()
 
     def fsync(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -90,6 +117,8 @@ class Checkpointer:
         self.is_main_process = is_main_process
         self.storage = storage or Storage()
         self.config_hash = config_hash
+        self._valid_resume: dict[int, bool] = {}
+        """Resume steps this process committed or verified: they are not hashed again."""
 
     def path_for(self, step: int) -> Path:
         return self.output_dir / f"checkpoint-{step}"
@@ -103,19 +132,24 @@ class Checkpointer:
         """`write_lora(staging_dir)` writes the LoRA file (the family's own saver does the format)."""
         return self._write(self.path_for(step), step, "lora", write_lora)
 
-    def save_resume(self, step: int, files: dict[str, bytes]) -> Path:
-        """Commit a resume state, then drop all but the newest KEEP_RESUME_STATES valid ones."""
+    def save_resume(self, step: int, files: dict[str, Callable[[BinaryIO], object]]) -> Path:
+        """Commit a resume state, each file streamed by `files[name](handle)` and hashed as it is
+        written, then drop all but the newest KEEP_RESUME_STATES valid ones."""
+        digests: dict[str, Digest] = {}
 
         def write(staging: Path) -> None:
-            for name, data in files.items():
-                self.storage.write_bytes(staging / name, data)
+            for name, produce in files.items():
+                digests[name] = self.storage.write_stream(staging / name, produce)
 
-        path = self._write(self.resume_path_for(step), step, "resume", write)
+        path = self._write(self.resume_path_for(step), step, "resume", write, digests)
         if self.is_main_process:
+            self._valid_resume[step] = True
             self._purge_resume_states()
         return path
 
-    def _write(self, final: Path, step: int, kind: Kind, write: Callable[[Path], None]) -> Path:
+    def _write(self, final: Path, step: int, kind: Kind, write: Callable[[Path], object],
+               digests: dict[str, Digest] | None = None) -> Path:
+        """`digests`: filled by `write` with the files it hashed (and fsynced) as it wrote them."""
         if not self.is_main_process:
             return final
         staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -124,7 +158,7 @@ class Checkpointer:
             self.storage.rmtree(staging)
             self.storage.makedirs(staging)
             write(staging)
-            self._commit(staging, final, step, kind)
+            self._commit(staging, final, step, kind, digests or {})
         except OSError as exc:
             self.storage.rmtree(staging)
             hint = " The disk is full: free space or point --output at a larger volume." \
@@ -137,18 +171,20 @@ class Checkpointer:
             ) from exc
         return final
 
-    def _commit(self, staging: Path, final: Path, step: int, kind: Kind) -> None:
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        for path in files:
-            self.storage.fsync(path)
+    def _commit(self, staging: Path, final: Path, step: int, kind: Kind, digests: dict[str, Digest]) -> None:
+        """`digests`: the files hashed (and fsynced) as they were written; the others are read back."""
+        files = {str(p.relative_to(staging)): p for p in sorted(staging.rglob("*")) if p.is_file()}
+        for name, path in files.items():
+            if name not in digests:
+                self.storage.fsync(path)
         self.storage.fault(f"{kind}.files_written", step)
+        described = {name: digests.get(name) or (path.stat().st_size, sha256_file(path)) for name, path in files.items()}
         manifest = {
             "format": FORMAT_VERSION,
             "kind": kind,
             "step": step,
             "config_hash": self.config_hash,
-            "files": {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                      for p in files},
+            "files": {name: {"bytes": size, "sha256": sha} for name, (size, sha) in described.items()},
         }
         self.storage.write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         self.storage.fault(f"{kind}.manifest_written", step)
@@ -163,10 +199,17 @@ class Checkpointer:
         self.storage.fault(f"{kind}.renamed", step)
 
     def _purge_resume_states(self) -> None:
-        valid = [step for step in self.resume_steps() if self.verify(self.resume_path_for(step), "resume")]
+        valid = [step for step in self.resume_steps() if self._resume_is_valid(step)]
         for step in self.resume_steps():
             if step not in valid[:KEEP_RESUME_STATES]:
                 self.storage.rmtree(self.resume_path_for(step))
+                self._valid_resume.pop(step, None)
+
+    def _resume_is_valid(self, step: int) -> bool:
+        """verify(), once per step and process: what it committed or checked before is not re-hashed."""
+        if step not in self._valid_resume:
+            self._valid_resume[step] = self.verify(self.resume_path_for(step), "resume")
+        return self._valid_resume[step]
 
     def remove_leftovers(self) -> list[Path]:
         """Staging and retired folders a killed process left behind (never valid, safe to delete)."""
@@ -183,6 +226,7 @@ class Checkpointer:
         for step in self.published_steps():
             self.storage.rmtree(self.path_for(step))
         self.storage.rmtree(self.resume_root)
+        self._valid_resume.clear()
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -221,7 +265,7 @@ class Checkpointer:
         """The newest resume state that verifies; damaged ones are skipped with a warning."""
         for step in self.resume_steps():
             path = self.resume_path_for(step)
-            if self.verify(path, "resume"):
+            if self._resume_is_valid(step):
                 return path
             log.warning("skipping resume state %s: its manifest is missing or does not match its files", path)
         return None

@@ -2,16 +2,17 @@
 
 The trainer calls `save` (a published LoRA, then the resume state), `save_resume` (resume state
 only: a stop) and `restore`; it knows nothing of files. The folders themselves are committed by
-`Checkpointer` (checkpoint.py): complete or absent, never half-written.
+`Checkpointer` (checkpoint.py): complete or absent, never half-written. Only the main process
+copies the state to the host and serialises it, streaming each file to disk; the other processes
+only wait for its verdict. A restore maps every tensor straight onto the restoring process's device.
 
 A resume state is the LoRA, the optimizer state, the LR-schedule state and the counters (step,
-cursor): all randomness is a pure function of (seed, step, micro-batch, rank) and the batch
-order of (seed, cursor), so nothing else is needed to continue bit-identically.
+cursor): the batch order and all randomness are pure functions of (seed, global micro-batch
+position), so nothing else is needed to continue bit-identically, on any number of processes.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
 
 from ..errors import CheckpointWriteError, NonFiniteLossError, ResumeError
@@ -64,32 +65,39 @@ class CheckpointManager:
         """Publish the LoRA of `progress.step` (plus whatever `extra(staging_dir)` writes beside it,
         committed together), then the resume state: a crash in between redoes the step."""
         unwrapped = self.accelerator.unwrap_model(denoiser)
-        state = self.lora_state(unwrapped, progress.step)
+        host_copy: dict[str, torch.Tensor] = {}  # the LoRA on the host, main process only, reused below
 
-        def write(directory: Path) -> None:
-            self.family.save_lora(directory, state, adapter_metadata(unwrapped))
-            if extra is not None:
-                extra(directory)
+        def publish() -> None:
+            host_copy.update(self.lora_state(unwrapped, progress.step))
 
-        path = self._on_every_process(lambda: self.checkpointer.publish(progress.step, write))
-        self.save_resume(denoiser, progress, state)
+            def write(directory: Path) -> None:
+                self.family.save_lora(directory, host_copy, adapter_metadata(unwrapped))
+                if extra is not None:
+                    extra(directory)
+
+            self.checkpointer.publish(progress.step, write)
+
+        path = self._on_main_process(self.checkpointer.path_for(progress.step), publish)
+        self.save_resume(denoiser, progress, host_copy or None)
         return path
 
     def save_resume(self, denoiser: torch.nn.Module, progress: Any,
                     lora_state: dict[str, torch.Tensor] | None = None) -> Path:
-        if lora_state is None:
-            lora_state = self.lora_state(self.accelerator.unwrap_model(denoiser), progress.step)
-        optimizer_bytes = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), optimizer_bytes)
-        state = {"step": progress.step, "cursor": progress.cursor,
-                 "consecutive_nonfinite": progress.consecutive_nonfinite,
-                 "lr_scheduler": self.lr_scheduler.state_dict(), "identity": self.identity}
-        files = {
-            "adapter.safetensors": save_safetensors(lora_state),
-            "optimizer.pt": optimizer_bytes.getvalue(),
-            "state.json": json.dumps(state, indent=1).encode(),
-        }
-        return self._on_every_process(lambda: self.checkpointer.save_resume(progress.step, files))
+        def write() -> None:
+            lora = lora_state if lora_state is not None else self.lora_state(
+                self.accelerator.unwrap_model(denoiser), progress.step)
+            state = {"step": progress.step, "cursor": progress.cursor,
+                     "consecutive_nonfinite": progress.consecutive_nonfinite,
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "identity": self.identity}
+            # each file streams into the staging folder, hashed on the way: no in-memory copy of the
+            # optimizer state (torch.save moves one tensor at a time to the host)
+            self.checkpointer.save_resume(progress.step, {
+                "adapter.safetensors": lambda handle: handle.write(save_safetensors(lora)),
+                "optimizer.pt": lambda handle: torch.save(self.optimizer.state_dict(), handle),
+                "state.json": lambda handle: handle.write(json.dumps(state, indent=1).encode()),
+            })
+
+        return self._on_main_process(self.checkpointer.resume_path_for(progress.step), write)
 
     @staticmethod
     def lora_state(unwrapped: torch.nn.Module, step: int) -> dict[str, torch.Tensor]:
@@ -99,14 +107,16 @@ class CheckpointManager:
             raise NonFiniteLossError(f"LoRA weights are not finite after step {step} ({bad[:3]}); refusing to save them")
         return state
 
-    def _on_every_process(self, write: Callable[[], Path]) -> Path:
-        """Run a checkpoint write (only the main process really writes) and make its failure every
-        process's failure, so that none is left waiting at the next collective."""
-        error: CheckpointWriteError | None = None
-        try:
-            path = write()
-        except CheckpointWriteError as exc:
-            error = exc
+    def _on_main_process(self, path: Path, write: Callable[[], None]) -> Path:
+        """Run a checkpoint write of `path` on the main process only (the others hold no copy of the
+        state) and make its failure every process's failure, so that none is left waiting at the
+        next collective."""
+        error: CheckpointWriteError | NonFiniteLossError | None = None
+        if self.accelerator.is_main_process:
+            try:
+                write()
+            except (CheckpointWriteError, NonFiniteLossError) as exc:
+                error = exc
         if any_process(self.accelerator, error is not None):
             raise error or CheckpointWriteError("the main process could not write a checkpoint; see its error")
         return path
@@ -128,9 +138,13 @@ class CheckpointManager:
         for key in ("training_parameters", "engine_config"):
             if saved.get(key) != self.identity.get(key):
                 log.warning("resuming %s with a different %s than it was saved with", path, key)
+        # each process loads straight onto its own device (without map_location every process's
+        # optimizer state would land on the device it was saved from: cuda:0)
+        device = self.accelerator.device
+        device = torch.device("cpu") if device.type == "cpu" else device  # gloo ranks have cpu:0, which loaders refuse
         load_lora_state(self.accelerator.unwrap_model(denoiser),
-                        load_safetensors((path / "adapter.safetensors").read_bytes()))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+                        load_safetensors_file(path / "adapter.safetensors", device=str(device)))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         return {"step": state["step"], "cursor": state["cursor"],
                 "consecutive_nonfinite": state.get("consecutive_nonfinite", 0)}

@@ -2,8 +2,9 @@
 the non-finite guard; the family's `compute_loss` is the only model-specific piece.
 
 Counters are state: (step, cursor) plus the optimizer and LR-scheduler states are everything a
-resumed run needs, because all randomness is a pure function of (seed, step, micro-batch, rank)
-and the batch order is a pure function of (seed, cursor).
+resumed run needs, because the batch order is a pure function of (seed, global micro-batch position)
+and so is each micro-batch's randomness. Global micro-batch j goes to process j % P, so an optimizer
+step trains on the same global batch, with the same noise, on 1 or P processes (P times faster).
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ log = logging.getLogger(__name__)
 Batch = tuple[list[int], dict[str, torch.Tensor]]
 
 
-def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
-    """A distinct, reproducible seed per (step, micro-batch, process): resuming needs no RNG state."""
-    return ((((seed * 1_000_003) + step) * 1_009 + micro_batch) * 8_191 + rank) % (2**63 - 1)
+def micro_batch_seed(seed: int, position: int) -> int:
+    """A distinct, reproducible seed per global micro-batch position: whichever process trains that
+    micro-batch draws the same noise and timesteps, and resuming needs no RNG state."""
+    return ((seed * 1_000_003) * 8_191 + position) % (2**63 - 1)
+
+
+def micro_batch_position(cursor: int, index: int, rank: int, num_processes: int) -> int:
+    """The global position of a process's `index`-th micro-batch of the step starting at `cursor`."""
+    return cursor + index * num_processes + rank
 
 
 @dataclass
@@ -46,7 +53,7 @@ class Progress:
     step: int = 0
     """Optimizer steps completed (skipped non-finite steps count: the schedule moves on)."""
     cursor: int = 0
-    """Micro-batches this process has consumed (the same on every process)."""
+    """Global micro-batches consumed by all processes together (the same number on every process)."""
     consecutive_nonfinite: int = 0
 
 
@@ -55,6 +62,7 @@ class TrainerSettings:
     total_steps: int
     checkpoint_steps: list[int]
     gradient_accumulation_steps: int
+    """Micro-batches per process per optimizer step: optim.global_batch_size / (batch size x processes)."""
     max_grad_norm: float
     seed: int
     log_every: int
@@ -119,7 +127,7 @@ class Trainer:
             micro_batches = [next(batches) for _ in range(settings.gradient_accumulation_steps)]
             record = self._guarded_step(micro_batches)
             self.progress.step += 1
-            self.progress.cursor += len(micro_batches)
+            self.progress.cursor += len(micro_batches) * self.accelerator.num_processes
             self.history.append(record)
             step = self.progress.step
             logging_step = step % settings.log_every == 0 or step == settings.total_steps
@@ -200,14 +208,14 @@ class Trainer:
             raise OutOfMemoryError(
                 f"out of memory in step {self.progress.step + 1} ({str(exc).splitlines()[0]}). Lower the memory "
                 "a step needs: set run.gradient_checkpointing=true, a lower data.resolution, a smaller "
-                "data.batch_size (with more optim.gradient_accumulation_steps to keep the effective batch), "
+                "data.batch_size (accumulation grows to keep optim.global_batch_size), "
                 f"or fewer processes per GPU. The checkpoints in {self.checkpoints.output_dir} are intact; "
                 "--resume continues from the newest."
             ) from None
 
     def train_step(self, micro_batches: list[Batch]) -> StepRecord:
-        """One optimizer step over `gradient_accumulation_steps` micro-batches. A non-finite loss or
-        gradient skips the update; too many in a row fail the run."""
+        """One optimizer step over this process's `gradient_accumulation_steps` micro-batches of the
+        global batch. A non-finite loss or gradient skips the update; too many in a row fail the run."""
         accelerator, step = self.accelerator, self.progress.step
         self.denoiser.train()
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -220,9 +228,12 @@ class Trainer:
                 sys.stdout.flush()
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             generator = torch.Generator(device=accelerator.device)
-            generator.manual_seed(step_seed(self.settings.seed, step, index, accelerator.process_index))
+            position = micro_batch_position(self.progress.cursor, index, accelerator.process_index,
+                                            accelerator.num_processes)
+            generator.manual_seed(micro_batch_seed(self.settings.seed, position))
             last = index == len(micro_batches) - 1
-            # gradients are all-reduced once, on the last micro-batch
+            # gradients are all-reduced (averaged over processes) once, on the last micro-batch: with the
+            # 1/accumulation scale below, the gradient is the mean over the global batch on any P
             with nullcontext() if last else accelerator.no_sync(self.denoiser), accelerator.autocast():
                 loss = self.family.compute_loss(self.denoiser, batch, generator)
             accelerator.backward(loss / len(micro_batches))
@@ -231,11 +242,16 @@ class Trainer:
         params = trainable_parameters(self.denoiser)
         max_norm = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+        loss = total_loss / len(micro_batches)
+        if accelerator.num_processes > 1:
+            # the global batch's mean loss, the same on every process: a non-finite loss on any of them
+            # makes it non-finite everywhere, so every process skips together (the gradient norm is global)
+            loss = accelerator.reduce(loss.reshape(1), "mean")[0]
         if not self.settings.sync_every_step:
-            return self._update_on_device(step, total_loss / len(micro_batches), grad_norm, lr)
-        loss_value = float(total_loss) / len(micro_batches)  # the one host sync of the step
+            return self._update_on_device(step, loss, grad_norm, lr)
+        loss_value = float(loss)  # the one host sync of the step
         grad_value = float(grad_norm)
-        if self._any_process(not (math.isfinite(loss_value) and math.isfinite(grad_value))):
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
             return self._skip_update(step, loss_value, grad_value, lr)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -246,9 +262,7 @@ class Trainer:
     def _update_on_device(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> StepRecord:
         """The update without waiting for the loss: fused AdamW skips it on the device when the loss
         or gradient is not finite (found_inf, as under GradScaler); the host counts it when it syncs."""
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if self.accelerator.num_processes > 1:  # a device collective: every process skips together
-            bad = self.accelerator.reduce(bad.float().reshape(1), "sum")[0] > 0
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the same on every process (both are global)
         self.optimizer.grad_scale, self.optimizer.found_inf = None, bad.float()
         try:
             self.optimizer.step()

@@ -71,6 +71,12 @@ class Service:
             check_config_family(config, family, source=f"--engine-config {family}={settings.engine_configs[family]}",
                                 wanted_by=f"it is given for family {family}")
         self._families = {f: family_class(f)(self.engine_config(f).model) for f in settings.bases}
+        for family in settings.bases:  # a global batch the processes cannot share fails here, not in every job
+            try:
+                self.engine_config(family).accumulation_steps(settings.num_processes)
+            except ConfigError as exc:
+                raise ConfigError(f"the engine config of family {family} with --num-processes "
+                                  f"{settings.num_processes}: {exc.message}") from None
         self.db = Database(settings.database_url)
         self._storage = _identities([settings.data_dir, *self.db.file()])
         """(path, (device, inode)) of the data directory and the SQLite file, as they were at start-up"""
