@@ -116,7 +116,7 @@ class ReferenceFibo(FiboFamily):
         mask = torch.stack([torch.arange(longest) < len(e["input_ids"]) for e in entries])
         return {"pixels": torch.stack([e["pixels"] for e in entries]), "input_ids": ids, "text_mask": mask}
 
-    def release_encoders(self, model) -> None:
+    def release_encoders(self, model, keep_text: bool = False) -> None:
         pass  # they run every step
 
     def compute_loss(self, denoiser, batch, generator):

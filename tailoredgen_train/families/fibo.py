@@ -86,6 +86,14 @@ def sample_sigmas(
     return torch.where(use_uniform, uniform, torch.sigmoid(normal))
 
 
+def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The pipelines' `_prepare_latent_image_ids` rows (0, row, column) of an h x w grid, built on
+    the device: theirs are built on the host and copied with a blocking copy every call."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    columns = torch.arange(width, device=device).repeat(height)
+    return torch.stack([torch.zeros_like(rows), rows, columns], dim=1).to(dtype)
+
+
 def fit_text_layers(layers: list[torch.Tensor], num_blocks: int) -> list[torch.Tensor]:
     """As BriaFiboPipeline: keep the last `num_blocks` hidden states, or repeat the last one."""
     if len(layers) >= num_blocks:
@@ -105,6 +113,8 @@ class FiboFamily(ModelFamily):
     pipeline_class_name = "BriaFiboPipeline"
     base_components = COMPONENTS
     hub_id = "briaai/FIBO"
+    text_feature_keys = ("prompt_embeds", "text_layers")
+    text_encoder_keys = ("text",)
     # Bria's generate.py and the pipeline's docstring: 50 steps, CFG 5 (Bria's API allows 20-50 and 3-5)
     generation_steps = 50
     generation_guidance = 5.0
@@ -153,28 +163,29 @@ class FiboFamily(ModelFamily):
         return (latents - mean) / std
 
     @torch.no_grad()
-    def encode_features(self, model: LoadedModel, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        """A batch's latents and text features, left on the encoders' device (a batch as `collate`
-        makes it, text padded to the longest caption)."""
-        latents = self.encode_latents(model, pixels)
-        device = latents.device
-        prompt_embeds, hidden_states, text_mask = model.encoders["text"].get_prompt_embeds(
-            prompt=list(captions), max_sequence_length=self.options.max_sequence_length, device=device
-        )
-        # each distinct hidden state once; fit_text_layers rebuilds the per-block list
+    def encode_text(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        text_pipe = model.encoders["text"]
+        prompt_embeds, hidden_states, _ = text_pipe.get_prompt_embeds(
+            prompt=[caption], max_sequence_length=self.options.max_sequence_length,
+            device=text_pipe.text_encoder.device)
+        # each distinct hidden state the transformer uses, once; fit_text_layers rebuilds the per-block list
         kept = hidden_states[-min(len(hidden_states), model.extras["num_blocks"]) :]
-        return {"latents": latents, "prompt_embeds": prompt_embeds, "text_layers": torch.stack(kept),
-                "text_mask": text_mask.bool()}
+        return {"prompt_embeds": prompt_embeds[0], "text_layers": torch.stack(kept)[:, 0]}
 
-    def encode_sample(
-        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
-    ) -> dict[str, torch.Tensor]:
-        features = self.encode_features(model, pixels, [caption])
-        return {
-            "latents": features["latents"][0].cpu(),
-            "prompt_embeds": features["prompt_embeds"][0].cpu(),
-            "text_layers": features["text_layers"][:, 0].cpu(),
-        }
+    def text_feature_specs(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        # from the token count alone: encoding 200 long captions to learn their size would cost minutes
+        text_pipe = model.encoders["text"]
+        encoder = text_pipe.text_encoder
+        tokens = len(text_pipe.tokenizer(caption, max_length=self.options.max_sequence_length, truncation=True,
+                                         add_special_tokens=True).input_ids) if caption else 1
+        hidden = encoder.config.hidden_size
+        layers = min(encoder.config.num_hidden_layers + 1, model.extras["num_blocks"])
+        return {"prompt_embeds": torch.empty(tokens, 2 * hidden, dtype=encoder.dtype, device="meta"),
+                "text_layers": torch.empty(layers, tokens, hidden, dtype=encoder.dtype, device="meta")}
+
+    def encode_image(self, model: LoadedModel, pixels: torch.Tensor,
+                     geometry: CropGeometry | None = None) -> dict[str, torch.Tensor]:
+        return {"latents": self.encode_latents(model, pixels)[0]}
 
     def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         lengths = [e["prompt_embeds"].shape[0] for e in entries]
@@ -212,7 +223,7 @@ class FiboFamily(ModelFamily):
         target = noise - x0
 
         packed = BriaFiboPipeline._pack_latents_no_patch(noisy, b, c, h, w)
-        img_ids = BriaFiboPipeline._prepare_latent_image_ids(b, h, w, x0.device, dtype)
+        img_ids = latent_image_ids(h, w, x0.device, dtype)
         txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
         unwrapped = getattr(denoiser, "module", denoiser)  # DDP hides the block lists
         num_blocks = len(unwrapped.transformer_blocks) + len(unwrapped.single_transformer_blocks)
