@@ -95,6 +95,7 @@ class ReferenceFibo(FiboFamily):
     and a dense additive (B,1,S,S) attention mask. Gradient checkpointing comes from the config."""
 
     name = "fibo-reference"
+    text_feature_keys = ()  # its entries are pixels and token ids: always "cached", encoded every step
 
     def __init__(self, model: LoadedModel, options=None):
         super().__init__(options)

@@ -15,9 +15,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from helpers import params, subset_dataset, tiny_engine, train
 from tailoredgen_train.config import load_engine_config
-from tailoredgen_train.data import validate_dataset
+from tailoredgen_train.data import SAMPLE_DATASET_DIR, SAMPLE_TEXT_DATASET_DIR, validate_dataset
 from tailoredgen_train.engine import speed
-from tailoredgen_train.engine.cache import CachedFeatures, FeatureCache, TextFeatures, choose_text_features
+from tailoredgen_train.engine.cache import CachedFeatures, FeatureCache, TextFeatures, choose_text_features, \
+    fill_cache
 from tailoredgen_train.engine.checkpoint import Checkpointer
 from tailoredgen_train.engine.lora import add_lora, lora_input_casting, set_lora_input_casting
 from tailoredgen_train.errors import ConfigError
@@ -73,16 +74,21 @@ def test_cached_and_online_text_features_train_bit_identically_and_auto_goes_onl
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_online_batches_equal_cached_ones_and_a_caption_changes_them(fibo, tmp_path, one_thread):
-    family, model = fibo
-    samples = validate_dataset(subset_dataset(tmp_path / "data", 2), caption_format="json", min_side=16).samples
+@pytest.mark.parametrize("name", ["fibo", "bria-3.2", "bria-2.3"])
+def test_online_batches_equal_cached_ones_and_a_caption_changes_them(name, tiny_fibo_base, legacy_bases, tmp_path,
+                                                                     one_thread):
+    family = family_class(name)()
+    base = tiny_fibo_base if name == "fibo" else legacy_bases[name]
+    model = family.load(str(base), device=torch.device("cpu"), weight_dtype=torch.float32)
+    source = SAMPLE_DATASET_DIR if family.caption_format == "json" else SAMPLE_TEXT_DATASET_DIR
+    samples = validate_dataset(subset_dataset(tmp_path / "data", 2, source), caption_format=family.caption_format,
+                               min_side=16).samples
     cache = FeatureCache(tmp_path / "cache", namespace="test")
     items = [cache.item(s, (64, 64)) for s in samples]
-    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
-    for item in items:
-        cache.store(item, family.encode_sample(model, pixels, item.sample.caption))
+    fill_cache(cache, items, functools.partial(family.encode_sample, model), rank=0, world_size=1, max_pixels=10**8)
     entries = [CachedFeatures(cache, items, family.text_feature_keys)[i] for i in range(2)]
-    assert all(set(image) == {"latents"} for _, image in entries)  # what workers would pass: no text
+    image_keys = set(cache.shapes(items[0])) - set(family.text_feature_keys)
+    assert all(set(image) == image_keys for _, image in entries)  # what workers would pass: no text
     keys = family.text_feature_keys
     cached = TextFeatures(cache, items, keys, family.collate)(entries)
     online = TextFeatures(cache, items, keys, family.collate, device=torch.device("cpu"),
@@ -90,9 +96,9 @@ def test_online_batches_equal_cached_ones_and_a_caption_changes_them(fibo, tmp_p
     assert cached[0] == online[0] == [0, 1] and cached[1].keys() == online[1].keys()
     assert all(torch.equal(cached[1][k], online[1][k]) for k in cached[1])
     # negative control: the comparison sees the captions
-    swapped = TextFeatures(cache, items, keys, family.collate, device=torch.device("cpu"),
-                           encode=lambda caption: family.encode_text(model, caption + " "))(entries)
-    assert not torch.equal(swapped[1]["prompt_embeds"], cached[1]["prompt_embeds"])
+    other = TextFeatures(cache, items, keys, family.collate, device=torch.device("cpu"),
+                         encode=lambda caption: family.encode_text(model, caption.replace("a", "the")))(entries)
+    assert not torch.equal(other[1]["prompt_embeds"], cached[1]["prompt_embeds"])
 
 
 def test_fibo_text_feature_specs_are_what_encode_text_makes_without_encoding(fibo, one_thread):

@@ -56,9 +56,9 @@ class FeatureCache:
              skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """The entry's tensors (only `keys`, none of `skip`): the file is memory-mapped and only
         what is asked for is read."""
+        skip = set(skip)
         with safe_open(self.path(item), framework="pt") as handle:
-            wanted = [k for k in (handle.keys() if keys is None else keys) if k not in set(skip)]
-            return {key: handle.get_tensor(key) for key in wanted}
+            return {key: handle.get_tensor(key) for key in (handle.keys() if keys is None else keys) if key not in skip}
 
     def shapes(self, item: CacheItem) -> dict[str, tuple[int, ...]]:
         """An entry's tensor shapes, from the file header alone."""

@@ -38,9 +38,12 @@ BRIA32_BUCKETS_1024 = tuple(dict.fromkeys(_README_BUCKETS + tuple((h, w) for w, 
 
 def keep_t5_projections_fp32(text_encoder: T5EncoderModel) -> None:
     """T5 overflows in half precision unless each block's last projection stays fp32 (BriaPipeline's
-    docstring); T5's feed-forward casts its input to wo's dtype, so the mix just works."""
-    for block in text_encoder.encoder.block:
-        block.layer[-1].DenseReluDense.wo.to(torch.float32)
+    docstring); T5's feed-forward casts its input to wo's dtype, so the mix just works. The modules
+    are transformers' own `_keep_in_fp32_modules` ("wo"), which from_pretrained honours for fp16 only."""
+    keep = set(text_encoder._keep_in_fp32_modules or ())
+    for name, module in text_encoder.named_modules():
+        if name.rsplit(".", 1)[-1] in keep:
+            module.to(torch.float32)
 
 
 @dataclass(frozen=True)
