@@ -74,7 +74,7 @@ def test_cached_and_online_text_features_train_bit_identically_and_auto_goes_onl
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("name", ["fibo", "bria-3.2", "bria-2.3"])
+@pytest.mark.parametrize("name", ["bria-3.2", "bria-2.3"])  # FIBO: the whole run above
 def test_online_batches_equal_cached_ones_and_a_caption_changes_them(name, tiny_fibo_base, legacy_bases, tmp_path,
                                                                      one_thread):
     family = family_class(name)()
@@ -170,7 +170,7 @@ def test_lora_input_cast_is_off_under_autocast_same_loss_and_gradients_fewer_cop
     model = family.load(str(tiny_fibo_base), device=torch.device("cpu"), weight_dtype=torch.bfloat16)
     torch.manual_seed(0)
     add_lora(model.denoiser, rank=4, targets=family.default_lora_targets, init="gaussian")
-    batch = family.collate([family.encode_sample(model, torch.rand(1, 3, 64, 64) * 2 - 1, CAPTIONS[0])])
+    batch = family.collate([family.encode_sample(model, torch.rand(1, 3, 32, 32) * 2 - 1, CAPTIONS[1])])
     lora_params = [p for p in model.denoiser.parameters() if p.requires_grad]
 
     results, copies = {}, {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, BriaFiboPipeline, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,9 +70,9 @@ class FiboOptions(FamilyOptions):
 
 
 def logit_normal_mu(image_tokens: int) -> float:
-    """FIBO's shift: linear from 0.5 at 256 image tokens to 1.15 at 4096 (1024x1024)."""
-    slope = (1.15 - 0.5) / (4096 - 256)
-    return 0.5 + slope * (image_tokens - 256)
+    """FIBO's shift: linear from 0.5 at 256 image tokens to 1.15 at 4096 (1024x1024): diffusers'
+    `calculate_shift` (the Flux/FIBO pipelines' dynamic-shift formula) at Bria's training constants."""
+    return calculate_shift(image_tokens, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
 def sample_sigmas(
