@@ -107,6 +107,11 @@ class ModelFamily(ABC):
     generation_steps: ClassVar[int]
     generation_guidance: ClassVar[float]
     generation_resolution: ClassVar[int] = 1024
+    text_feature_keys: ClassVar[tuple[str, ...]] = ()
+    """The features `encode_text` makes from a caption alone (data.text_features=online encodes them
+    every step instead of caching them); empty: the family caches everything, always."""
+    text_encoder_keys: ClassVar[tuple[str, ...]] = ()
+    """The `LoadedModel.encoders` entries `encode_text` needs (kept on the device when online)."""
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = self.options_cls.from_mapping(dict(options or {}), self.name)
@@ -157,12 +162,6 @@ class ModelFamily(ABC):
     @abstractmethod
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         """Load the diffusers-format directory (or hub id) `base`."""
-
-    text_feature_keys: ClassVar[tuple[str, ...]] = ()
-    """The features `encode_text` makes from a caption alone (data.text_features=online encodes them
-    every step instead of caching them); empty: the family caches everything, always."""
-    text_encoder_keys: ClassVar[tuple[str, ...]] = ()
-    """The `LoadedModel.encoders` entries `encode_text` needs (kept on the device when online)."""
 
     def encode_sample(
         self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
