@@ -72,12 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a LoRA (works under `accelerate launch`)")
-    train.add_argument("--base", required=True, help="diffusers-format base model directory or hub id")
-    train.add_argument("--dataset", required=True, help="folder of images + metadata.jsonl (or metadata.csv)")
+    # --base, --dataset and --training-version are required for a fresh run; --resume reads them from OUTPUT/job.json
+    train.add_argument("--base", help="diffusers-format base model directory or hub id")
+    train.add_argument("--dataset", help="folder of images + metadata.jsonl (or metadata.csv)")
     train.add_argument("--output", required=True, help="run folder: checkpoints, logs, cache")
-    train.add_argument("--training-version", required=True, help="fibo, max, light, 3.2 (bria-3.2), 2.3 (bria-2.3)")
-    train.add_argument("--training-mode", default="fully_automated", choices=TRAINING_MODES,
-                       help="the contract's fields below need expert")
+    train.add_argument("--training-version", help="fibo, max, light, 3.2 (bria-3.2), 2.3 (bria-2.3)")
+    train.add_argument("--training-mode", choices=TRAINING_MODES,
+                       help="the contract's fields below need expert (default fully_automated)")
     train.add_argument("--caption-prefix", help="legacy datasets: text prepended to every caption")
     train.add_argument("--rank", type=int)
     train.add_argument("--learning-rate", type=float)
@@ -85,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--total-training-steps", type=int)
     train.add_argument("--checkpoint-interval", type=int)
     train.add_argument("--lr-warmup-steps", type=int)
-    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --output")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run saved in --output from its newest valid checkpoint; needs no other "
+                       "flag, and a flag that differs from the saved job is refused (see run.allow_changed_on_resume)")
     train.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --output")
     _add_engine_options(train)
 
@@ -119,7 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                        f"organization of its own); also read from {TOKENS_ENV}")
     serve.add_argument("--launcher", choices=("local", "slurm"), default="local")
     serve.add_argument("--slurm-template", help="sbatch template (default: the packaged train.sbatch)")
-    serve.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) per training job")
+    serve.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) per training job; per node "
+                       "with --launcher slurm")
+    serve.add_argument("--slurm-nodes", type=int, default=1, help="nodes per training job with --launcher slurm")
     serve.add_argument("--lost-jobs", choices=("resume", "fail"), default="resume",
                        help="a job found gone without a result (e.g. after a restart): resume it or mark it Failed")
     serve.add_argument("--keep-finished-runs", action="store_true",
@@ -133,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--generation-resolution", action="append", default=[], metavar="FAMILY=PX",
                        help="image side the generation endpoints render for a family (default 1024; e.g. "
                        "fibo=128 for a CPU demo) (repeatable)")
+    serve.add_argument("--import-root", action="append", default=[], metavar="DIR",
+                       help="a folder whose files bulk-upload's zip_url and upload_model's model_url may name by "
+                       "server path (repeatable; default none: only http(s) URLs)")
     serve.add_argument("--vlm", help="captioning model, a hub id (briaai/FIBO-vlm) or a Qwen3-VL folder: automatic "
                        "captions, visual schemas, caption prefixes, refined and plain-text FIBO prompts (loaded on "
                        "first use; CUDA bf16 when available)")
@@ -140,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
                        "(shorter captions; CPU demos)")
     serve.add_argument("--vlm-max-pixels", type=int, help="largest image area given to the VLM (default FIBO's "
                        "1024*28*28)")
+    serve.add_argument("--max-upload-mb", type=int, default=50, help="largest image upload, in MiB (413 beyond, "
+                       "refused from the Content-Length or as soon as the streamed body passes it)")
+    serve.add_argument("--max-json-kb", type=int, default=1024, help="largest JSON or form body, in KiB (413 beyond)")
+    serve.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                       help="largest uploaded image, in pixels, checked from its header before decoding (413 beyond)")
+    serve.add_argument("--max-concurrent-decodes", type=int, default=2,
+                       help="uploaded images decoded at once; the others wait (bounds the memory uploads take)")
 
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
@@ -151,46 +166,67 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _family(args: argparse.Namespace, engine: EngineConfig):
+def _family(training_version: str, engine: EngineConfig, version_map: str | None, config: str | None):
     """The family of --training-version, refusing a --config written for another family."""
     from .families import family_for_config, load_version_map
 
-    return family_for_config(args.training_version, engine, load_version_map(args.version_map),
-                             source=f"--config {args.config}")
+    return family_for_config(training_version, engine, load_version_map(version_map), source=f"--config {config}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import JobSpec, run_training
+    from .recipe import run_training
+    from .saved_job import job_for_resume
 
     request = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
-    params = resolve_training_parameters(args.training_version, args.training_mode, request)
+    job = None
+    if args.resume:  # the saved job, the flags given checked against it; None when the folder saved none
+        job = job_for_resume(args.output, base=args.base, dataset=args.dataset, training_version=args.training_version,
+                             training_mode=args.training_mode, caption_prefix=args.caption_prefix,
+                             version_map=args.version_map, request=request, config=args.config,
+                             overrides=args.overrides, overwrite=args.overwrite)
+    if job is None:
+        missing = [flag for flag in ("--base", "--dataset", "--training-version")
+                   if getattr(args, flag[2:].replace("-", "_")) is None]
+        if missing:
+            where = f"; --resume found no saved job in {args.output}" if args.resume else ""
+            print(f"tailoredgen-train train: error: the following arguments are required: {', '.join(missing)}{where}; "
+                  "see tailoredgen-train train --help", file=sys.stderr)
+            return EXIT_USER_ERROR
+        job = _fresh_job(args, request)
+    # the checks that name a flag, in the order run_training makes them, before it loads anything
+    family = _family(job.training_version, job.engine, job.version_map, args.config)
+    family.check_base(job.base)
+    family.check_caption_prefix(job.caption_prefix)
+    dataset = Path(job.dataset_dir)
+    if not dataset.is_dir():
+        problem = "is not a folder" if dataset.exists() else "does not exist"
+        raise DatasetInvalidError(f"--dataset {job.dataset_dir} {problem}: pass the folder that holds the images and "
+                                  "metadata.jsonl (or metadata.csv)")
+    run_training(job)
+    return 0
+
+
+def _fresh_job(args: argparse.Namespace, request: dict):
+    from .recipe import JobSpec
+
+    params = resolve_training_parameters(args.training_version, args.training_mode or "fully_automated", request)
     if args.lr_warmup_steps and params.lr_warmup_steps is None:
         log.warning("--lr-warmup-steps %d is ignored: warmup applies only with --lr-scheduler constant_with_warmup "
                     "and this run uses %s (lr_warmup_steps is reported as null). Drop the flag, or choose "
                     "constant_with_warmup.", args.lr_warmup_steps, params.lr_scheduler)
     engine = load_engine_config(args.config, args.overrides)
-    # the checks that name a flag, in the order run_training makes them, before it loads anything
-    family = _family(args, engine)
-    family.check_base(args.base)
-    family.check_caption_prefix(args.caption_prefix)
-    dataset = Path(args.dataset)
-    if not dataset.is_dir():
-        problem = "is not a folder" if dataset.exists() else "does not exist"
-        raise DatasetInvalidError(f"--dataset {args.dataset} {problem}: pass the folder that holds the images and "
-                                  "metadata.jsonl (or metadata.csv)")
-    run_training(JobSpec(
+    return JobSpec(
         base=args.base, dataset_dir=args.dataset, output_dir=args.output, training_version=args.training_version,
         params=params, engine=engine, caption_prefix=args.caption_prefix, resume=args.resume,
         overwrite=args.overwrite, version_map=args.version_map,
-    ))
-    return 0
+    )
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .data import validate_dataset
 
     engine = load_engine_config(args.config, args.overrides)
-    family = _family(args, engine)
+    family = _family(args.training_version, engine, args.version_map, args.config)
     family.check_caption_prefix(args.caption_prefix)  # what train would refuse
     report = validate_dataset(args.dataset, caption_format=family.caption_format, min_side=engine.data.min_side,
                               max_pixels=engine.data.max_pixels, caption_prefix=args.caption_prefix)
@@ -231,11 +267,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         bases=parse_assignments(args.base, "--base"), engine_configs=parse_assignments(args.engine_config,
                                                                                        "--engine-config"),
         version_map=args.version_map, launcher=args.launcher, slurm_template=args.slurm_template,
+        slurm_nodes=args.slurm_nodes,
         num_processes=args.num_processes, lost_jobs=args.lost_jobs, rate_limit_per_minute=args.rate_limit,
         prune_finished_runs=not args.keep_finished_runs,
         max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
         public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
         vlm=args.vlm, vlm_string_tokens=args.vlm_string_tokens, vlm_max_pixels=args.vlm_max_pixels,
+        import_roots=[Path(root).resolve() for root in args.import_root],
+        max_upload_bytes=args.max_upload_mb * 2**20, max_json_bytes=args.max_json_kb * 2**10,
+        max_image_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes,
     )
     serve(settings, args.host, args.port)
     return 0

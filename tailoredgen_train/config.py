@@ -149,6 +149,9 @@ class RunConfig:
     """Where cached latents/text features go; null means OUTPUT/cache."""
     stop_after_steps: int | None = None
     """Smoke runs: stop after this many steps (resume state saved, --resume continues); null = the full run."""
+    allow_changed_on_resume: list[str] = field(default_factory=list)
+    """Fields that `train --resume` may change from the saved job (e.g. [total_training_steps,
+    run.log_every]); any other difference is refused. Like stop_after_steps, it is never carried over."""
 
     def __post_init__(self) -> None:
         _require(self.mixed_precision in ("auto", "no", "bf16"), "run.mixed_precision", self.mixed_precision,
@@ -156,6 +159,12 @@ class RunConfig:
         _require(self.log_every >= 1, "run.log_every", self.log_every, "use 1 or more")
         _require(self.log_with in ("tensorboard", "none"), "run.log_with", self.log_with, "use tensorboard or none")
         _require(isinstance(self.seed, int) and self.seed >= 0, "run.seed", self.seed, "use a non-negative integer")
+        if isinstance(self.allow_changed_on_resume, str):  # --set run.allow_changed_on_resume=rank,data.resolution
+            self.allow_changed_on_resume = [n.strip() for n in self.allow_changed_on_resume.split(",") if n.strip()]
+        _require(isinstance(self.allow_changed_on_resume, list)
+                 and all(isinstance(n, str) and n for n in self.allow_changed_on_resume),
+                 "run.allow_changed_on_resume", self.allow_changed_on_resume,
+                 "give a list of field names, e.g. [total_training_steps, data.resolution]")
         _require(self.stop_after_steps is None or self.stop_after_steps >= 1, "run.stop_after_steps",
                  self.stop_after_steps, "use 1 or more, or null for the full run")
         policy = self.gradient_checkpointing
@@ -377,6 +386,12 @@ def load_engine_config(path: str | Path | None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return apply_overrides(raw, overrides, source)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None, source: str) -> EngineConfig:
+    """The config `raw` (a parsed file, or a saved job's engine section) with each `section.key=value`
+    applied; a bad value is blamed on its --set, anything else on `source`."""
     overridden: dict[str, str] = {}
     for text in overrides or []:
         keys, value = _parse_override(text)

@@ -187,6 +187,13 @@ class OutputDirError(TailoredGenError):
     http_status = 500
 
 
+class OutputInUseError(TailoredGenError):
+    """Another training holds the run folder's lock (OUTPUT/train.lock) (409)."""
+
+    code = "output_in_use"
+    http_status = 409
+
+
 class ResumeError(TailoredGenError):
     """A checkpoint cannot be resumed (missing, corrupt, or made for another setup) (409)."""
 

@@ -30,16 +30,18 @@ from .engine.cache import CacheItem, CachedFeatures, FeatureCache, TextFeatures,
     fill_cache
 from .engine.checkpoint import Checkpointer, Storage
 from .engine.checkpoint_manager import CheckpointManager
+from .engine.output_lock import lock_output
 from .engine.preemption import StopFlag
 from .engine.run_log import run_log
 from .engine.lora import add_lora, lora_signature, set_lora_input_casting, trainable_parameters
 from .engine.schedule import build_lr_scheduler
 from .engine.speed import apply_block_policy, build_optimizer, bytes_of, resolve_checkpointing, resolve_host_sync
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
-from .errors import ConfigError, OutputDirError, Preempted, ResumeError, TailoredGenError
+from .errors import ConfigError, OutputDirError, OutputInUseError, Preempted, ResumeError, TailoredGenError
 from .families import family_for_config, load_version_map
 from .outcome import clear_outcome, process_rank, write_outcome
 from .report import MetricsLog, refresh_report, summarize_run
+from .report.metrics import JOB_FILE
 
 if TYPE_CHECKING:  # the inference stack is imported only by runs that render samples
     from .inference.validation import ValidationPlan, Validator
@@ -88,6 +90,17 @@ class TrainingResult:
     """The step the run ended at: below total_training_steps when run.stop_after_steps cut it short."""
     denoiser: torch.nn.Module
     """The trained denoiser with its LoRA (unwrapped), for in-process callers."""
+
+
+def save_job(job: JobSpec, path: Path) -> None:
+    """OUTPUT/job.json, stamped with the engine version; staged, fsynced and renamed, never torn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(staging, "w") as handle:
+        json.dump({**job.to_dict(), "engine_version": __version__}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
 
 
 def _mixed_precision(config: EngineConfig) -> str:
@@ -323,7 +336,7 @@ class RunOutcome:
         self.owned = True
 
     def record(self, error: BaseException | None, final_step: int = 0, total_steps: int = 0) -> None:
-        if not self.owned:
+        if not self.owned or isinstance(error, OutputInUseError):  # the folder is another run's
             return
         main = process_rank() == 0
         summary = summarize_run(self.output_dir, started_at=self.started) if main else None
@@ -349,7 +362,8 @@ def run_training(job: JobSpec, *, storage: Storage | None = None, output_is_ours
     saving resume state); `storage` is the checkpoint file-system seam (tests inject faults).
     OUTPUT/result.json says how it ended, from the moment the folder is the run's (see RunOutcome;
     `output_is_ours`: the caller made the folder for this job, as the service does). A process
-    that is killed writes nothing: no file means the run was lost, not that it failed."""
+    that is killed writes nothing: no file means the run was lost, not that it failed. One job
+    per folder: the main process holds OUTPUT/train.lock for the run's life (OutputInUseError)."""
     stop_flag = StopFlag().install()
     outcome = RunOutcome(Path(job.output_dir), owned=output_is_ours)
     try:
@@ -376,12 +390,18 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: Exit
     check_writable_dir(output_dir, "--output (the run folder)", OutputDirError)
     if config.run.cache_dir:
         check_writable_dir(Path(config.run.cache_dir), "run.cache_dir", ConfigError)
+    # before anything is written: a second job in the folder is refused and leaves the first's files alone
+    lock = lock_output(output_dir, is_main_process=process_rank() == 0)
+    if lock is not None:
+        scope.callback(lock.release)  # after result.json: the run's last write
     accelerator = make_accelerator(config, output_dir)
     main = accelerator.is_main_process
     checkpointer = Checkpointer(output_dir, is_main_process=main, storage=storage, config_hash=job.fingerprint())
     _check_output_dir(job, checkpointer, accelerator)
     accelerator.wait_for_everyone()
     outcome.take_ownership(main)
+    if main:  # from the start: `train --output DIR --resume` reads it back (saved_job.py)
+        save_job(job, output_dir / JOB_FILE)
     scope.enter_context(run_log(output_dir, is_main_process=main))  # OUTPUT/train.log from here on
 
     report = validate_dataset(job.dataset_dir, caption_format=family.caption_format, min_side=config.data.min_side,
@@ -413,9 +433,6 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: Exit
             if main:
                 log.info("resumed from %s at step %d", latest, trainer.progress.step)
 
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "job.json").write_text(json.dumps({**job.to_dict(), "engine_version": __version__}, indent=1))
     if main:
         log.info(_startup_summary(job, family.name, accelerator, len(samples), setup.encoded, setup.buckets,
                                   setup.items, setup.num_trainable, setup.batches_per_epoch, validation))

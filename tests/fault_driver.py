@@ -2,8 +2,9 @@
 
     python tests/fault_driver.py JOB_JSON [--kill-after-step N] [--kill-at KIND.PHASE:STEP]
                                           [--pause-after-step N] [--drop-scheduler-state]
+    python tests/fault_driver.py [flags as above] -- train --output DIR --resume   (any CLI command)
 
-The job runs through the real CLI (`run-job`), so exit codes are the CLI's. Kills are SIGKILL:
+The job runs through the real CLI (`run-job JOB_JSON`, or the command after `--`), so exit codes are the CLI's. Kills are SIGKILL:
 nothing in the process gets to clean up, as when a cluster node dies.
 """
 
@@ -58,12 +59,14 @@ def install(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    argv = sys.argv[1:]
+    command = argv[argv.index("--") + 1:] if "--" in argv else None
     parser = argparse.ArgumentParser()
-    parser.add_argument("job_file")
+    parser.add_argument("job_file", nargs="?" if command else None)
     parser.add_argument("--kill-after-step", type=int)
     parser.add_argument("--kill-at")
     parser.add_argument("--pause-after-step", type=int)
     parser.add_argument("--drop-scheduler-state", action="store_true")
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv[:argv.index("--")] if command else argv)
     install(arguments)
-    sys.exit(main(["run-job", arguments.job_file]))
+    sys.exit(main(command or ["run-job", arguments.job_file]))

@@ -146,6 +146,23 @@ def test_mode_i_in_16bit_range_is_scaled() -> None:
     assert _to_rgb8(img).getpixel((0, 0))[0] in (155, 156)
 
 
+def test_high_bit_depth_is_converted_strip_by_strip_as_one_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion works a strip of rows at a time (bounded memory); the result must be what the
+    whole-image formula gives, with the range taken over every strip, not each strip's own."""
+    from tailoredgen_train.data import images
+
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 64 * 10)  # 10 rows of 64: the image below is 5 strips
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (45, 64)).astype(np.uint16)
+    stretched = rng.uniform(-50.0, 300.0, (45, 64)).astype(np.float32)
+    stretched[:10] = 0.0  # the first strip alone has no range: stretching it per strip would give zeros
+    for arr, scale in ((values, lambda a: a * (255.0 / 65535.0)),
+                       (stretched, lambda a: (a - a.min()) * (255.0 / (a.max() - a.min())))):
+        expected = np.rint(scale(arr.astype(np.float64))).astype(np.uint8)
+        converted = np.asarray(images._to_rgb8(Image.fromarray(arr)))
+        assert np.array_equal(converted[..., 0], expected) and np.array_equal(converted[..., 2], expected)
+
+
 def test_exif_orientation_applied(tmp_path: Path) -> None:
     img = Image.new("RGB", (40, 20), (255, 255, 255))
     img.paste((255, 0, 0), (0, 0, 10, 20))  # red stripe on the raw left edge

@@ -45,9 +45,15 @@ def write_job(path: Path, base: Path, dataset: Path, output: Path, *, resume: bo
     return path
 
 
-def run_driver(job_file: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(DRIVER), str(job_file), *flags], capture_output=True, text=True,
-                          timeout=600)
+def run_driver(job: Path | list[str], *flags: str) -> subprocess.CompletedProcess:
+    """`job`: a job.json (run-job), or a CLI command such as bare_resume(output)."""
+    arguments = [str(job), *flags] if isinstance(job, Path) else [*flags, "--", *job]
+    return subprocess.run([sys.executable, str(DRIVER), *arguments], capture_output=True, text=True, timeout=600)
+
+
+def bare_resume(output: Path) -> list[str]:
+    """`train --output DIR --resume` and no other flag: everything else comes from DIR/job.json."""
+    return ["train", "--output", str(output), "--resume"]
 
 
 def final_lora(output: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +82,7 @@ def reference(tiny_fibo_base, dataset, tmp_path_factory) -> dict[str, torch.Tens
 def test_killed_again_and_again_the_run_ends_bit_identical(tiny_fibo_base, dataset, reference, tmp_path):
     output = tmp_path / "out"
     fresh = write_job(tmp_path / "fresh.json", tiny_fibo_base, dataset, output, resume=False)
-    resume = write_job(tmp_path / "resume.json", tiny_fibo_base, dataset, output, resume=True)
+    resume = bare_resume(output)
     interruptions = [
         (fresh, ["--kill-after-step", "1"]),                 # nothing saved yet
         (resume, ["--kill-at", "lora.files_written:2"]),     # LoRA written, not committed
@@ -134,7 +140,7 @@ def test_sigterm_stops_within_a_step_and_resume_finishes_identically(tiny_fibo_b
     assert checkpointer.latest_resume() == checkpointer.resume_path_for(3)
     assert checkpointer.published_steps() == [2]  # step 3 gets resume state, not a published checkpoint
 
-    resumed = run_driver(write_job(tmp_path / "resume.json", tiny_fibo_base, dataset, output, resume=True))
+    resumed = run_driver(bare_resume(output))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert identical(final_lora(output), reference)
 

@@ -53,6 +53,9 @@ ENDPOINTS = [
     ("POST", "/models/1/start_training"), ("POST", "/models/1/stop_training"),
     ("GET", "/models/1/checkpoints"), ("GET", "/models/1/checkpoints/100"), ("GET", "/models/1/download"),
     ("GET", "/models/1/logs"), ("GET", "/models/1/report"),
+    ("DELETE", "/projects/1"), ("DELETE", "/datasets/1"), ("POST", "/datasets/1/clone"),
+    ("POST", "/datasets/1/images/bulk-upload"), ("GET", "/datasets/1/images/bulk-upload/status"),
+    ("POST", "/models/upload_model"),
 ]
 # Bria's generation paths are not under /tailored-gen: (method, path, its template)
 GENERATION_ENDPOINTS = [

@@ -45,13 +45,19 @@ def acme(tmp_path_factory, tiny_fibo_base):
         draft = api.post("/datasets", json={"project_id": dataset["project_id"], "name": "draft",
                                             "training_version": "fibo"}).json()["id"]
         image_id = upload_sample(api, draft, sample_rows()[0]).json()["id"]
+        zipped = api.post("/datasets", json={"project_id": dataset["project_id"], "name": "zipped",
+                                             "training_version": "fibo", "upload_type": "advanced"}).json()["id"]
+        bulk = api.post(f"/datasets/{zipped}/images/bulk-upload", json={"zip_url": "http://127.0.0.1:9/none.zip"})
+        assert bulk.status_code == 202, bulk.text
+        wait_until(lambda: api.get(f"/datasets/{zipped}/images/bulk-upload/status").json()["status"] == "failed", 60,
+                   "the bulk upload to fail")
         accepted = api.post(f"{server.url}/v2/image/generate/tailored", json=fibo_body(model_id))
         assert accepted.status_code == 202, accepted.text
         request_id = accepted.json()["request_id"]
         wait_until(lambda: api.get(f"{server.url}/v2/status/{request_id}").json()["status"] != "IN_PROGRESS", 300,
                    "the generation request to settle")
         yield {"server": server, "project": dataset["project_id"], "dataset": dataset_id, "draft": draft,
-               "image": image_id, "model": model_id, "request": request_id}
+               "image": image_id, "model": model_id, "request": request_id, "zipped": zipped}
     backend.kill_all()
 
 
@@ -90,6 +96,13 @@ def _calls(ids: dict) -> list[tuple[str, str, dict]]:
         ("POST", f"{url}/v1/text-to-image/tailored/{model}", {"json": {"prompt": "a fox"}}),
         ("POST", f"{url}/v1/text-to-image/tailored/{model}/100", {"json": {"prompt": "a fox"}}),
         ("GET", f"{url}/v2/status/{ids['request']}", {}),
+        ("DELETE", f"/projects/{project}", {}),
+        ("DELETE", f"/datasets/{draft}", {}),
+        ("POST", f"/datasets/{dataset}/clone", {}),
+        ("POST", f"/datasets/{ids['zipped']}/images/bulk-upload", {"json": {"zip_url": "http://127.0.0.1:9/a.zip"}}),
+        ("GET", f"/datasets/{ids['zipped']}/images/bulk-upload/status", {}),
+        ("POST", "/models/upload_model", {"json": {"model_url": "http://127.0.0.1:9/a.safetensors",
+                                                   "training_version": "max", "project_id": project}}),
     ]
 
 

@@ -167,10 +167,19 @@ def test_staged_uploads_a_crash_left_are_removed_at_start_up(tmp_path, tiny_fibo
     old, fresh, image = folder / ".upload-0123abcd", folder / ".upload-4567ef01", folder / "00000001.png"
     for path in (old, fresh, image):
         path.write_bytes(b"x")
-    os.utime(old, (time.time() - 3600, time.time() - 3600))  # cut off by a crash an hour ago
+    # an unfinished clone and dataset removal (folders), and an upload_model's staged file
+    folders = [settings.data_dir / "datasets" / ".clone-89ab", settings.data_dir / "datasets" / ".deleted-dataset-2-cd"]
+    for path in folders:
+        path.mkdir()
+        (path / "00000002.png").write_bytes(b"x")
+    (settings.data_dir / "runs").mkdir()
+    lora = settings.data_dir / "runs" / ".upload-ef01.safetensors"
+    lora.write_bytes(b"x")
+    for path in (old, lora, *folders):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))  # cut off by a crash an hour ago
     with ThreadServer(settings):
         pass
-    assert not old.exists()
+    assert not old.exists() and not lora.exists() and not any(path.exists() for path in folders)
     assert fresh.exists() and image.exists()  # another live server's upload in flight, and a stored image
 
 

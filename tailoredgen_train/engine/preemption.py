@@ -2,7 +2,9 @@
 
 The handler does no I/O (saving inside a signal handler can corrupt what it interrupts); the
 trainer checks `requested` after each optimizer step, saves resume state, and exits 128+signum.
-A second signal while the first is pending gets the default behaviour (an impatient Ctrl-C works).
+A second SIGINT while a stop is pending gets the default behaviour (an impatient Ctrl-C works). A
+repeated SIGTERM does not: it is the same stop delivered twice (Slurm signals every process of a job
+step, and accelerate's launcher forwards the signal to its workers once more), so saving goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class StopFlag:
 
     def handle(self, signum: int, frame: FrameType | None = None) -> None:
         if self.requested is not None:
+            if signum == signal.SIGTERM:  # the pending stop, delivered again: let it finish saving
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

@@ -68,6 +68,14 @@ class LoraPipeline:
             self.family.activate_lora(self.pipeline, name, influence)
             return self.pipeline
 
+    def check(self, lora: str | Path) -> None:
+        """Load a LoRA file into the pipeline and unload it again: LoraFileError says why it does not fit."""
+        with self._lock:
+            self._counter += 1
+            name = f"check_{self._counter}"
+            self.family.load_lora(self.pipeline, lora_file_in(lora), name)
+            self.family.unload_lora(self.pipeline, name)
+
     def _load(self, file: Path) -> str:
         for stale in [k for k in self._adapters if k[0] == str(file)]:  # an older version of this file
             self.family.unload_lora(self.pipeline, self._adapters.pop(stale))

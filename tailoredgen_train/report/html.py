@@ -229,7 +229,7 @@ def _samples(run_dir: Path) -> str:
 
 def _hyperparameters(job: dict[str, Any] | None) -> str:
     if job is None:
-        return _empty("job.json is missing or unreadable: the run writes it once its model is loaded.")
+        return _empty("job.json is missing or unreadable: the run writes it when it starts.")
     run_rows = [(key, job.get(key)) for key in ("training_version", "base", "dataset_dir", "caption_prefix",
                                                 "version_map", "resume", "engine_version") if key in job]
     params = job.get("params") or {}

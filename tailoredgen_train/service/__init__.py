@@ -7,6 +7,8 @@
     runner.py     claim, launch, watch, settle and reconcile jobs
     generation.py the generation worker: a queue, warm pipelines, requests as rows
     captioning.py the captioning worker: a warm VLM; pending images as rows
+    imports.py    files imported by reference (http(s) URLs, --import-root paths) and the zip checks
+    bulk_upload.py  zip uploads into advanced datasets, in a background thread per upload
     core.py       Service: what every handler shares
     access.py     Caller: who is asking and what they may see (the one place scoping applies)
     deps.py       what the routes share (service lookup, auth dependency, errors, signed links);

@@ -40,26 +40,33 @@ class TokenAuth:
 
 
 class RateLimiter:
-    """At most `per_minute` requests per token in any sliding 60-second window (per server process)."""
+    """At most `per_minute` requests per token (or other key) in any sliding 60-second window (per
+    server process)."""
 
-    def __init__(self, per_minute: int, clock=time.monotonic):
+    def __init__(self, per_minute: int, clock=time.monotonic, max_keys: int = 10_000):
         self.per_minute = per_minute
         self._clock = clock
         self._seen: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        self._max_keys = max_keys
 
-    def check(self, who: str) -> None:
+    def check(self, who: str, record: bool = True, per: str = "token") -> None:
+        """RateLimitedError when `who` (a token, or what `per` names) has used its window; else counts
+        this request, unless not `record`."""
         now = self._clock()
         with self._lock:
+            if len(self._seen) > self._max_keys:  # keys such as client addresses come and go: forget idle ones
+                self._seen = {key: window for key, window in self._seen.items() if window and window[-1] > now - 60.0}
             window = self._seen.setdefault(who, deque())
             while window and window[0] <= now - 60.0:
                 window.popleft()
             if len(window) >= self.per_minute:
                 retry_after = max(1, math.ceil(window[0] + 60.0 - now))
                 raise RateLimitedError(
-                    f"Request limit exceeded: at most {self.per_minute} requests per minute per token. "
+                    f"Request limit exceeded: at most {self.per_minute} requests per minute per {per}. "
                     f"Try again in {retry_after} s.", retry_after_s=retry_after)
-            window.append(now)
+            if record:
+                window.append(now)
 
 
 class UrlSigner:

@@ -3,13 +3,18 @@ captioning workers, auth, limits). `create_app` builds one; handlers reach it th
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from ..config import EngineConfig, load_engine_config
 from ..contract import canonical_version
-from ..errors import ConfigError, InvalidParameterError, UnknownTrainingVersionError
+from ..errors import ConfigError, InvalidParameterError, RateLimitedError, TailoredGenError, UnknownTrainingVersionError
 from ..families import ModelFamily, check_config_family, family_class, load_version_map
 from .auth import RateLimiter, TokenAuth, UrlSigner
 from .captioning import CaptioningWorker, VlmPromptExpander
@@ -18,6 +23,39 @@ from .generation import GenerationWorker, PromptExpander
 from .launchers import Backend, LocalBackend, SlurmBackend
 from .runner import JobRunner
 from .settings import ServiceSettings
+
+log = logging.getLogger("tailoredgen_train.service")
+T = TypeVar("T")
+
+
+class StorageUnavailableError(TailoredGenError):
+    """The data directory (or the SQLite file in it) is gone or was replaced while the server ran (503)."""
+
+    code = "storage_unavailable"
+    http_status = 503
+
+
+class DecodeQueue:
+    """Uploaded images are decoded by `workers` threads of their own, in turn: concurrent uploads queue
+    instead of multiplying the memory a decode takes, and what the allocator keeps after a decode
+    stays with those few threads. At most `queue` more uploads wait (each holds a request thread);
+    beyond that an upload is answered 429."""
+
+    def __init__(self, workers: int, queue: int = 16):
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tailoredgen-decode")
+        self._admitted = threading.BoundedSemaphore(workers + queue)
+
+    def run(self, function: Callable[..., T], *args: Any) -> T:
+        if not self._admitted.acquire(blocking=False):
+            raise RateLimitedError("Too many images are being checked at once: send this upload again in a few "
+                                   "seconds.", retry_after_s=2)
+        try:
+            return self._pool.submit(function, *args).result()
+        finally:
+            self._admitted.release()
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Service:
@@ -34,9 +72,13 @@ class Service:
                                 wanted_by=f"it is given for family {family}")
         self._families = {f: family_class(f)(self.engine_config(f).model) for f in settings.bases}
         self.db = Database(settings.database_url)
+        self._storage = _identities([settings.data_dir, *self.db.file()])
+        """(path, (device, inode)) of the data directory and the SQLite file, as they were at start-up"""
+        self.decoder = DecodeQueue(settings.max_concurrent_decodes)
+        """decodes uploaded images, a few at a time (serve --max-concurrent-decodes)"""
         if backend is None:
             backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
-                       else SlurmBackend(settings.slurm_template, settings.num_processes))
+                       else SlurmBackend(settings.slurm_template, settings.num_processes, settings.slurm_nodes))
         self.runner = JobRunner(self.db, backend, settings)
         self.auth = TokenAuth(settings.tokens, settings.organizations)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
@@ -50,6 +92,10 @@ class Service:
         None: FIBO generation needs a structured_prompt."""
         self.generations = GenerationWorker(self.db, settings, self.family, self.runner.run_dir,
                                             lambda: self.prompt_expander)
+        from .bulk_upload import BulkUploads  # here: bulk_upload.py imports this module
+
+        self.bulk_uploads = BulkUploads(self)
+        """the zip uploads (POST /datasets/{id}/images/bulk-upload) this server runs"""
 
     def family_of(self, training_version: str, field_name: str = "training_version") -> str:
         """The model family that trains this version here; a 400 naming the field when none does."""
@@ -77,22 +123,47 @@ class Service:
         return self.engine_configs.get(family) or EngineConfig()
 
     def remove_upload_staging(self, older_than_s: float = 600.0) -> int:
-        """Delete the staged uploads (`.upload-*` in a dataset folder) that a crash cut off: no row
-        refers to them. Run at start-up; an upload stages its file for seconds, so one older than
-        `older_than_s` is no other live server's."""
+        """Delete what a crash cut off, which no row refers to: staged uploads (`.upload-*` in a
+        dataset folder and in runs/), and the folders of an unfinished clone or dataset removal
+        (`datasets/.clone-*`, `datasets/.deleted-*`). Run at start-up; each lives for seconds, so one
+        older than `older_than_s` is no other live server's."""
         cutoff = time.time() - older_than_s
+        data = self.settings.data_dir
         removed = 0
-        for path in (self.settings.data_dir / "datasets").glob("dataset-*/.upload-*"):
+        for path in [*data.glob("datasets/dataset-*/.upload-*"), *data.glob("runs/.upload-*"),
+                     *data.glob("datasets/.clone-*"), *data.glob("datasets/.deleted-*")]:
             try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+                if path.lstat().st_mtime < cutoff:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                     removed += 1
             except FileNotFoundError:
                 pass  # its upload finished meanwhile
         return removed
 
+    def check_storage(self) -> None:
+        """StorageUnavailableError (503) when the data directory or the SQLite file was removed or replaced
+        since start-up: a write now would land in an unlinked file or a new, empty folder, and the client
+        would get a 201 for data that is gone."""
+        if _identities(path for path, _ in self._storage) != self._storage:
+            log.error("the data directory %s (or its database) was removed or replaced while the server ran: writes "
+                      "are refused with 503 until it is restored and the server restarted", self.settings.data_dir)
+            raise StorageUnavailableError("Service unavailable: the server's storage is gone or was replaced, so "
+                                          "nothing was written. Try again later; the operator must restore the data "
+                                          "directory and restart the server.")
+
     def dataset_dir(self, dataset_id: int) -> Path:
         return self.settings.data_dir / "datasets" / f"dataset-{dataset_id}"
+
+
+def _identities(paths) -> list[tuple[Path, tuple[int, int] | None]]:
+    identities = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            identities.append((path, (stat.st_dev, stat.st_ino)))
+        except OSError:
+            identities.append((path, None))
+    return identities
 
 
 def _check_data_dir(data_dir: Path) -> None:

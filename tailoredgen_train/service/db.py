@@ -2,13 +2,16 @@
 
 SQLite is the embedded default; any SQLAlchemy URL works (PostgreSQL serves several instances).
 On SQLite every transaction starts with BEGIN IMMEDIATE, so that a read followed by a write never
-fails with "database is locked" halfway through: writers queue on the busy timeout instead.
+fails with "database is locked" halfway through: writers queue on the busy timeout instead. A
+`read()` begins DEFERRED: it takes no write lock, so it neither waits for a writer nor holds one up
+(in WAL mode it reads the last committed state).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
@@ -17,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from ..errors import ConfigError
 
+_READ_ONLY = "tailoredgen_read_only"  # execution option of read(): SQLite begins DEFERRED
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -85,12 +89,35 @@ class Image(Base):
     updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
 
 
+class BulkUpload(Base):
+    """A dataset's zip upload (Bria allows one per dataset): its progress and every image it refused."""
+
+    __tablename__ = "bulk_uploads"
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending, processing, completed, failed (Bria's values)"""
+    host: Mapped[str] = mapped_column(Text)
+    """the machine whose server runs it: a restarted server fails only its own host's uploads"""
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    """images in the zip (0 until it is read)"""
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    failed_images: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    """[{"filename", "error_code", "error_message"}] of the images refused"""
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """why the upload as a whole failed (the zip could not be fetched or was refused)"""
+    created_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+    updated_at: Mapped[str] = mapped_column(String(32), default=utcnow)
+
+
 class Model(Base):
     __tablename__ = "models"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(Text)
     description: Mapped[str] = mapped_column(Text, default="")
-    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    """None for a model uploaded as a LoRA file (POST /models/upload_model)"""
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     org: Mapped[str] = mapped_column(String(80), index=True)
     """the organization that owns it (access.Caller.organization); no other organization sees it"""
@@ -183,10 +210,12 @@ class Database:
         self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_on_connect)
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql(
+                "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"))
         Base.metadata.create_all(self.engine)
         self._check_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
 
     def _check_columns(self) -> None:
         """A database an earlier version created lacks newer columns (there are no migrations yet):
@@ -201,11 +230,24 @@ class Database:
                               f"{' ...' if len(missing) > 5 else ''}; start the service with a new --data-dir "
                               "(or --db), or add the columns")
 
+    def file(self) -> list[Path]:
+        """The SQLite database file, when the database is one ([] for a server database or :memory:)."""
+        database = self.engine.url.database if self.is_sqlite else None
+        return [Path(database)] if database and database != ":memory:" else []
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work: committed when the block ends, rolled back if it raises."""
         with self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A unit of work that only reads: no write lock, so a long write elsewhere never delays it."""
+        with self._read_sessions() as session, session.begin():
+            yield session
+            if session.new or session.dirty or session.deleted:
+                raise RuntimeError("a read() transaction changed rows: use Database.transaction() to write")
 
     def dispose(self) -> None:
         self.engine.dispose()

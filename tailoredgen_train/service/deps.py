@@ -44,13 +44,20 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
+def authenticate(service: Service, api_token: str | None) -> str:
+    """The token's id, once the token is checked and counted against its request rate (401, 429)."""
+    who = service.auth.check(api_token)
+    service.limiter.check(who)
+    return who
+
+
 def caller(request: Request, api_token: str | None = Header(default=None, alias="api_token",
                                                              convert_underscores=False)) -> str:
-    """Authenticates the api_token header and applies the token's request rate; the token's id."""
-    service = service_of(request)
-    who = service.auth.check(api_token)
-    request.state.caller = who
-    service.limiter.check(who)
+    """The caller's token id. The request guard (limits.py) authenticated the api_token header before
+    the body was read; a route it does not cover is authenticated here."""
+    who = getattr(request.state, "caller", None)
+    if who is None:
+        who = request.state.caller = authenticate(service_of(request), api_token)
     return who
 
 

@@ -64,6 +64,7 @@ class GenerationWorker:
         self._listeners: dict[str, list[Callable[[], None]]] = {}
         self._lock = threading.Lock()
         self._pipelines: dict[str, LoraPipeline] = {}
+        self._pipelines_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -183,13 +184,20 @@ class GenerationWorker:
                                   .where(Model.id == model_id))
         return json.loads(text) if text else None
 
+    def check_lora(self, family: str, lora_file: Path) -> None:
+        """Load a LoRA file into the family's warm pipeline (the one generation uses) and unload it:
+        a LoraFileError says why it does not fit (POST /models/upload_model)."""
+        self._pipeline(family).check(lora_file)
+
     def _pipeline(self, family: str) -> LoraPipeline:
-        pipeline = self._pipelines.get(family)
-        if pipeline is None:
-            cuda = torch.cuda.is_available()
-            pipeline = LoraPipeline(self._family(family), self.settings.bases[family], device="cuda" if cuda else "cpu",
-                                    dtype=torch.bfloat16 if cuda else torch.float32)
-            self._pipelines[family] = pipeline
+        with self._pipelines_lock:  # the worker and an upload_model handler may ask at once: build it once
+            pipeline = self._pipelines.get(family)
+            if pipeline is None:
+                cuda = torch.cuda.is_available()
+                pipeline = LoraPipeline(self._family(family), self.settings.bases[family],
+                                        device="cuda" if cuda else "cpu",
+                                        dtype=torch.bfloat16 if cuda else torch.float32)
+                self._pipelines[family] = pipeline
         return pipeline
 
     def _write(self, request_id: str, images: list[GeneratedImage]) -> list[str]:

@@ -24,7 +24,7 @@ from .core import Service
 from .db import Checkpoint, GenerationRequest, Model
 from .deps import BadRequestError, model_or_404
 from .schemas import MAX_ID, GenerateTailoredRequest, TextToImageTailoredRequest
-from .views import checkpoint_steps
+from .views import checkpoint_steps, final_step
 
 RANDOM_SEEDS = 2**31  # a request without a seed draws one below this (and answers with it)
 NO_EXPANDER = ("A plain-text prompt needs a captioning model to expand it into a FIBO structured prompt, and none "
@@ -102,7 +102,7 @@ def generating_model(session: Session, service: Service, model_id: int, caller: 
                               "its training has completed.")
     if step is None:  # the active version: a chosen or the final checkpoint; "default" (fully_automated) is the final
         version = model.active_model_version
-        step = int(version) if version.isdecimal() else int(model.training_parameters["total_training_steps"])
+        step = int(version) if version.isdecimal() else final_step(model)
     else:
         exposed = checkpoint_steps(session, model)
         if str(step) not in exposed:

@@ -112,24 +112,32 @@ def _start_time(pid: int) -> float | None:
 
 
 class SlurmBackend:
-    """Renders the sbatch template into RUN_DIR/train.sbatch and submits it with `sbatch --parsable`."""
+    """Renders the sbatch template into RUN_DIR/train.sbatch and submits it with `sbatch --parsable`.
+    A job takes `num_nodes` nodes with `num_processes` GPUs (processes) on each; `python` is the
+    interpreter on the compute nodes (this server's by default)."""
 
     name = "slurm"
 
-    def __init__(self, template: str | Path | None = None, num_processes: int = 1):
+    def __init__(self, template: str | Path | None = None, num_processes: int = 1, num_nodes: int = 1,
+                 python: str = sys.executable):
         self.template_path = Path(template) if template else DEFAULT_SLURM_TEMPLATE
         self.template = Template(self.template_path.read_text())
         self.num_processes = num_processes
+        self.num_nodes = num_nodes
+        self.python = python
 
     def render(self, job: JobSpec, job_file: Path) -> str:
+        # ${command}: the single-node command, for templates written before multi-node jobs
         if self.num_processes > 1:
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            command = [self.python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                        str(self.num_processes), "-m", "tailoredgen_train", "run-job", str(job_file)]
         else:
-            command = [sys.executable, "-m", "tailoredgen_train", "run-job", str(job_file)]
+            command = [self.python, "-m", "tailoredgen_train", "run-job", str(job_file)]
         return self.template.substitute(
             job_name=f"tailoredgen-{Path(job.output_dir).name}", run_dir=shlex.quote(str(job.output_dir)),
-            workdir=shlex.quote(os.getcwd()), num_processes=self.num_processes, command=shlex.join(command),
+            workdir=shlex.quote(os.getcwd()), num_nodes=self.num_nodes, gpus_per_node=self.num_processes,
+            num_processes=self.num_nodes * self.num_processes, python=shlex.quote(self.python),
+            job_file=shlex.quote(str(job_file)), command=shlex.join(command),
         )
 
     def submit(self, job: JobSpec) -> JobHandle:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from sqlalchemy import select
@@ -10,17 +16,20 @@ from sqlalchemy.orm import Session
 
 from .. import strict_json
 from ..contract import DatasetRecord, ModelRecord, canonical_version, check_can_start, generation_prefix, is_fibo
+from ..engine.checkpoint import LORA_FILE
 from ..engine.run_log import LOG_FILE
-from ..errors import FieldError, InvalidParameterError, NotFoundError
+from ..errors import FieldError, InvalidParameterError, LoraFileError, NotFoundError, TailoredGenError
 from ..recipe import JobSpec
 from ..report.metrics import tail_lines
 from ..start import start_training
 from .access import Caller
 from .core import Service
-from .db import Checkpoint, Dataset, Model
+from .datasets import dataset_or_404, project_or_404
+from .db import Checkpoint, Dataset, Model, Project, TrainingJob, utcnow
 from .deps import FILES_PREFIX, BadRequestError, ConflictError, model_or_404, signed_url
-from .schemas import ModelCreate
-from .views import base_model_view, model_view
+from .imports import fetch, resolve_source
+from .schemas import ModelCreate, UploadModelRequest
+from .views import UPLOADED_STEP, base_model_view, final_step, model_view
 
 MAX_LOG_LINES = 2000
 _LOG_BYTES_PER_LINE = 1024  # what a tail read allows per requested line (long lines are cut at the start)
@@ -28,9 +37,7 @@ _LOG_BYTES_PER_LINE = 1024  # what a tail read allows per requested line (long l
 
 def create_model(service: Service, body: ModelCreate, caller: Caller) -> dict:
     with service.db.transaction() as session:
-        dataset = session.get(Dataset, body.dataset_id)
-        if dataset is None or not caller.sees(dataset):
-            raise NotFoundError(f"Dataset not found: there is no dataset {body.dataset_id}")
+        dataset = dataset_or_404(session, body.dataset_id, caller)
         version = body.training_version or dataset.training_version
         if is_fibo(version) != is_fibo(dataset.training_version):
             raise InvalidParameterError.single(
@@ -75,6 +82,9 @@ def start_model(service: Service, model_id: int, request: bytes | Mapping[str, A
     Errors in the documented order: 404, 409, 412, then the body's 400."""
     with service.db.transaction() as session:
         model = model_or_404(session, model_id, caller)
+        if model.dataset_id is None:
+            raise ConflictError(f"Training already started/cannot be resumed: model {model_id} was uploaded as a LoRA "
+                                "file; create a model on a dataset to train one.")
         dataset = session.get(Dataset, model.dataset_id)
         model_record = ModelRecord(
             id=model.id, name=model.name, dataset_id=model.dataset_id, project_id=model.project_id,
@@ -135,7 +145,7 @@ def download_link(service: Service, request: Request, model_id: int, checkpoint_
             if model.status != "Completed":
                 raise BadRequestError(f"The model status is not completed (it is {model.status}): download a "
                                       "published checkpoint with ?checkpoint_step=N, or wait for the training to end.")
-            step = int(model.training_parameters["total_training_steps"])
+            step = final_step(model)
             checkpoint_or_404(session, model_id, step)
         family = service.version_map.get(canonical_version(model.training_version), "")
     url, expires = signed_url(service, request,
@@ -151,3 +161,87 @@ def log_tail(service: Service, model_id: int, lines: int) -> list[str]:
     except FileNotFoundError:
         tail = []
     return tail[-lines:]
+
+
+# ---- bring your own LoRA ---------------------------------------------------------------------------
+
+MAX_LORA_BYTES = 3 * 2**30  # Bria's limit
+
+
+class UnsupportedModelFormatError(TailoredGenError):
+    code = "unsupported_model_format"
+    http_status = 415
+
+
+def upload_model(service: Service, body: UploadModelRequest, caller: Caller) -> dict:
+    """POST /models/upload_model: a legacy LoRA file becomes a Completed model, once it has loaded
+    into the family's pipeline (the warm one generation uses); a file that does not fit is a 400
+    naming why. Its one checkpoint (step UPLOADED_STEP) is what generation and download serve."""
+    errors = UploadModelRequest.rule_errors(body.model_dump())
+    if is_fibo(body.training_version):  # the schema lists legacy versions only; a version map could still say fibo
+        errors.append(FieldError("FIBO models cannot be uploaded; upload a Bria 3.2 or 2.3 LoRA", "training_version",
+                                 body.training_version))
+    if errors:
+        raise InvalidParameterError(errors)
+    if body.project_id is not None:  # 404 before any complaint about the file or the version
+        with service.db.transaction() as session:
+            _legacy_project(project_or_404(session, body.project_id, caller))
+    family = service.family_of(body.training_version)
+    source = resolve_source(body.model_url, "model_url", service.settings.import_roots, MAX_LORA_BYTES)
+    name = PurePosixPath(urlsplit(body.model_url).path if source.url else source.path.name).name
+    if not name.endswith(".safetensors"):
+        raise UnsupportedModelFormatError(f"Invalid file format: model_url names {name or 'no file'!r}; the model has "
+                                          "to be a LoRA in .safetensors format")
+    runs = service.settings.data_dir / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    staging = runs / f".upload-{uuid.uuid4().hex}.safetensors"
+    target: Path | None = None
+    try:
+        if source.path is not None:
+            shutil.copyfile(source.path, staging)  # our own copy: the check and the model use the same bytes
+        else:
+            fetch(source, staging, MAX_LORA_BYTES)
+        try:
+            service.generations.check_lora(family, staging)
+        except LoraFileError as exc:  # the message names the staging file: name the request's field instead
+            raise LoraFileError(exc.message.replace(str(staging), "model_url's file")) from None
+        with service.db.transaction() as session:
+            if body.project_id is not None:
+                project = _legacy_project(project_or_404(session, body.project_id, caller))
+                project.training_version = project.training_version or body.training_version  # locks it, as a dataset
+            else:
+                project = Project(**body.project_parameters.model_dump(), org=caller.organization,
+                                  training_version=body.training_version)
+                session.add(project)
+                session.flush()
+            model = Model(name=body.model_name or name.removesuffix(".safetensors")[:256] or "uploaded model",
+                          description="", dataset_id=None, project_id=project.id, org=project.org,
+                          training_version=body.training_version, training_mode="fully_automated",
+                          status="Completed", training_parameters={}, generation_prefix=body.caption_prefix,
+                          owner=caller.token_id)
+            session.add(model)
+            session.flush()
+            run_dir = service.runner.run_dir(model.id)
+            job = TrainingJob(model_id=model.id, attempt=1, run_dir=str(run_dir), launcher="upload",
+                              host=socket.gethostname(), ended_at=utcnow(), outcome="uploaded")
+            session.add(job)
+            session.flush()
+            session.add(Checkpoint(model_id=model.id, training_job_id=job.id, step=UPLOADED_STEP))
+            target = run_dir / f"checkpoint-{UPLOADED_STEP}" / LORA_FILE
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, target)
+            session.flush()
+            return model_view(session, model)
+    except BaseException:
+        if target is not None:
+            target.unlink(missing_ok=True)
+        raise
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _legacy_project(project: Project) -> Project:
+    if project.training_version is not None and is_fibo(project.training_version):
+        raise InvalidParameterError.single("project_id", project.id, f"project {project.id} is locked to FIBO; an "
+                                           "uploaded legacy model needs a legacy project or project_parameters")
+    return project

@@ -20,7 +20,7 @@ from .db import Checkpoint, Model, utcnow
 from .models import MAX_LOG_LINES, checkpoint_or_404, expert_model
 from .runner import ACTIVE
 from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointDetailOut, CheckpointListOut, DownloadOut, LogOut,
-                      ModelCreate, ModelOut, ModelUpdate, StartTrainingRequest)
+                      ModelCreate, ModelOut, ModelUpdate, StartTrainingRequest, UploadModelRequest)
 from .views import checkpoint_samples, checkpoint_steps, checkpoint_view, model_view, progress_view
 
 router = APIRouter(tags=["models and training"], responses=ERROR_RESPONSES)
@@ -33,9 +33,16 @@ def create_model(body: ModelCreate, request: Request) -> dict:
     return models.create_model(service_of(request), body, caller_of(request))
 
 
+@router.post("/models/upload_model", response_model=ModelOut, response_model_exclude_unset=True)
+def upload_model(body: UploadModelRequest, request: Request) -> dict:
+    """Bring your own LoRA: a legacy (Bria 3.2 / 2.3) .safetensors LoRA becomes a Completed model once it has loaded
+    into the family's pipeline; generate with it through /v1 and download it like a trained one."""
+    return models.upload_model(service_of(request), body, caller_of(request))
+
+
 @router.get("/models", response_model=list[ModelOut], response_model_exclude_unset=True)
 def list_models(request: Request, include_training_parameters: bool = False) -> list[dict]:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         query = caller_of(request).scope(select(Model).where(Model.status != "Deleted").order_by(Model.id))
         return [model_view(session, m, include_training_parameters=include_training_parameters)
                 for m in session.scalars(query)]
@@ -45,7 +52,7 @@ def list_models(request: Request, include_training_parameters: bool = False) -> 
 def get_model(model_id: ModelId, request: Request) -> dict:
     """The Model, plus `training_progress` (step, loss, pace, ETA) once its training has recorded a step."""
     service = service_of(request)
-    with service.db.transaction() as session:
+    with service.db.read() as session:
         model = model_or_404(session, model_id, caller_of(request))
         body = model_view(session, model)
     progress = progress_view(service.runner.run_dir(model_id), model.status)
@@ -116,7 +123,7 @@ def stop_model_training(model_id: ModelId, request: Request) -> dict:
 
 @router.get("/models/{model_id}/checkpoints", response_model=CheckpointListOut)
 def list_checkpoints(model_id: ModelId, request: Request) -> dict:
-    with service_of(request).db.transaction() as session:
+    with service_of(request).db.read() as session:
         model = expert_model(session, model_id, caller_of(request))
         rows = session.scalars(select(Checkpoint).where(Checkpoint.model_id == model_id)
                                .order_by(Checkpoint.step.desc()))
@@ -127,7 +134,7 @@ def list_checkpoints(model_id: ModelId, request: Request) -> dict:
 def get_checkpoint(model_id: ModelId, checkpoint_step: Step, request: Request) -> dict:
     """The checkpoint, with pre-signed links to the validation images rendered when it was saved."""
     service = service_of(request)
-    with service.db.transaction() as session:
+    with service.db.read() as session:
         organization = expert_model(session, model_id, caller_of(request)).org
         body = checkpoint_view(checkpoint_or_404(session, model_id, checkpoint_step))
     folder = service.runner.run_dir(model_id) / f"checkpoint-{checkpoint_step}"
@@ -156,7 +163,7 @@ def get_logs(model_id: ModelId, request: Request,
              ) -> dict:
     """The end of the training job's train.log (all its attempts, a resumed job appends)."""
     service = service_of(request)
-    with service.db.transaction() as session:
+    with service.db.read() as session:
         model_or_404(session, model_id, caller_of(request))
     return {"model_id": model_id, "lines": models.log_tail(service, model_id, lines)}
 
@@ -168,7 +175,7 @@ def get_logs(model_id: ModelId, request: Request,
 def get_report(model_id: ModelId, request: Request) -> FileResponse:
     """The run's self-contained report page, rebuilt at each checkpoint and at the end of training."""
     service = service_of(request)
-    with service.db.transaction() as session:
+    with service.db.read() as session:
         model_or_404(session, model_id, caller_of(request))
     path = service.runner.run_dir(model_id) / REPORT_FILE
     if not path.is_file():

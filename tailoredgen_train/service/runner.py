@@ -24,7 +24,7 @@ from ..errors import RateLimitedError, TrainingAlreadyStartedError
 from ..outcome import read_outcome
 from ..recipe import JobSpec
 from .cleanup import prune_finished_run
-from .db import Checkpoint, Database, Model, TrainingJob, utcnow
+from .db import Checkpoint, Database, Dataset, Model, TrainingJob, utcnow
 from .launchers import Backend, JobHandle
 from .settings import ServiceSettings
 
@@ -54,7 +54,9 @@ class JobRunner:
         model that is already started answers 409 rather than 429."""
         with self.db.transaction() as session:
             claimed = session.execute(
-                update(Model).where(Model.id == model_id, Model.status == "Created").values(
+                # its dataset must still be completed: a dataset deleted since the start was checked stays unused
+                update(Model).where(Model.id == model_id, Model.status == "Created", Model.dataset_id.in_(
+                    select(Dataset.id).where(Dataset.status == "completed"))).values(
                     status="InProgress", owner=owner, training_parameters=params,
                     generation_prefix=generation_prefix, updated_at=utcnow())
             ).rowcount

@@ -41,6 +41,8 @@ class Strict(BaseModel):
 
 
 class ProjectCreate(Strict):
+    """Its rules across fields (`rule_errors`) are reported with pydantic's own errors, in one answer."""
+
     project_name: Name
     project_description: LongText | None = None
     ip_name: Name | None = None
@@ -49,6 +51,28 @@ class ProjectCreate(Strict):
     ip_type: Literal["multi_object_set", "object_variants", "icons", "defined_character", "character_variants",
                      "stylized_scene", "other"]
     training_version: VERSIONS | None = Field(default=None, description="locks the project to FIBO or legacy")
+
+    @staticmethod
+    def rule_errors(values: dict[str, Any]) -> list[FieldError]:
+        """Bria's rules between ip_type, ip_name, ip_description and ip_medium, on the raw fields."""
+        ip_type, errors = values.get("ip_type"), []
+        if ip_type == "defined_character" and not values.get("ip_name"):
+            errors.append(FieldError("ip_name is required when ip_type is defined_character", "ip_name", ""))
+        if ip_type in ("defined_character", "object_variants") and not values.get("ip_description"):
+            errors.append(FieldError(f"ip_description is required when ip_type is {ip_type}", "ip_description", ""))
+        if ip_type in ILLUSTRATION_ONLY and values.get("ip_medium") != "illustration":
+            errors.append(FieldError(f"ip_type {ip_type} needs ip_medium illustration", "ip_type", str(ip_type)))
+        return errors
+
+
+def rule_errors_of(route: Any, body: Any) -> list[FieldError]:
+    """The cross-field rule errors of a route's body model (a `rule_errors` static method) on the
+    raw body: what a 400 adds to pydantic's errors so that every bad field is listed at once."""
+    field = getattr(route, "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    if not isinstance(body, dict) or not hasattr(model, "rule_errors"):
+        return []
+    return model.rule_errors(body)
 
 
 VisualSchema = Annotated[str, Field(max_length=100_000), AfterValidator(_storable)]
@@ -63,7 +87,8 @@ class DatasetCreate(Strict):
                                                                       "or max when the project has none yet")
     caption_prefix: LongText | None = Field(default=None, description="legacy datasets only")
     visual_schema: VisualSchema | None = Field(default=None, description=VISUAL_SCHEMA_DOC)
-    upload_type: Literal["basic"] = "basic"
+    upload_type: Literal["basic", "advanced"] = Field(default="basic", description=(
+        "basic: images one by one, at most 200; advanced: one zip (images/bulk-upload), at most 5000"))
 
 
 class DatasetUpdate(Strict):
@@ -71,6 +96,22 @@ class DatasetUpdate(Strict):
     status: Literal["draft", "completed"] | None = None
     caption_prefix: LongText | None = Field(default=None, description="legacy datasets, while draft")
     visual_schema: VisualSchema | None = Field(default=None, description=f"{VISUAL_SCHEMA_DOC}; while draft")
+
+
+class DatasetClone(Strict):
+    name: Name | None = Field(default=None, description='default: "Copy of " and the dataset\'s name')
+    description: LongText | None = Field(default=None, description="accepted; datasets here have no description")
+
+
+class BulkUploadRequest(Strict):
+    zip_url: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_storable)] = Field(
+        description="an http(s) URL of the zip, or a path on the server inside a folder the operator allows "
+                    "(serve --import-root)")
+    automatic_captioning: bool | None = Field(default=None, description=(
+        "true: every image gets an automatic caption (needs a captioning model on the server), the zip's captions "
+        "are ignored; otherwise captions come from the zip (IMAGE.txt next to an image, or metadata.jsonl / "
+        "metadata.csv in its folder) and images without one are captioned as single uploads are"))
+    content_moderation: bool = Field(default=False, description="accepted; this server moderates nothing")
 
 
 def _caption_text(value: Any) -> Any:
@@ -132,6 +173,35 @@ class ModelCreate(Strict):
     description: LongText = ""
 
 
+class ProjectParameters(Strict):
+    project_name: Name
+    ip_medium: Literal["photography", "illustration"]
+    project_description: LongText | None = None
+    ip_type: Literal["multi_object_set", "object_variants", "icons", "defined_character", "character_variants",
+                     "stylized_scene", "other"] = "other"
+
+
+class UploadModelRequest(Strict):
+    """POST /models/upload_model: bring your own legacy LoRA (a .safetensors file)."""
+
+    model_url: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_storable)] = Field(
+        description="an http(s) URL of the .safetensors LoRA, or a path on the server inside a folder the operator "
+                    "allows (serve --import-root)")
+    training_version: Literal["bria-3.2", "bria-2.3", "max", "light", "3.2", "2.3"] = Field(
+        description="the legacy base the LoRA was trained on (FIBO models cannot be uploaded)")
+    model_name: Name | None = Field(default=None, description="default: the file's name")
+    project_id: Id | None = Field(default=None, description="the project the model joins; or project_parameters")
+    project_parameters: ProjectParameters | None = Field(default=None, description="a new project for the model")
+    caption_prefix: LongText | None = Field(default=None, description="the model's generation_prefix")
+
+    @staticmethod
+    def rule_errors(values: dict[str, Any]) -> list[FieldError]:
+        if (values.get("project_id") is None) == (values.get("project_parameters") is None):
+            return [FieldError("send exactly one of project_id and project_parameters", "project_id",
+                               str(values.get("project_id") or ""))]
+        return []
+
+
 class ModelUpdate(Strict):
     name: Name | None = None
     description: LongText | None = None
@@ -157,6 +227,11 @@ def field_errors(validation_errors: list[dict[str, Any]]) -> list[FieldError]:
     """pydantic's errors as Bria's {msg, field_name, field_input} items."""
     result = []
     for error in validation_errors:
+        if error.get("type") == "json_invalid":  # its location is a character offset, not a field
+            detail = (error.get("ctx") or {}).get("error", "")
+            result.append(FieldError(msg=f"the request body is not valid JSON ({detail})".replace(" ()", ""),
+                                     field_name="body", field_input=""))
+            continue
         location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
         name = ".".join(location) or "body"
         raw = error.get("input")
@@ -227,6 +302,27 @@ class DatasetOut(BaseModel):
     images: list[ImageOut] | None = Field(default=None, description="GET /datasets/{id} only")
 
 
+class FailedImageOut(BaseModel):
+    filename: str = Field(description="the image's path inside the zip")
+    error_code: str
+    error_message: str
+
+
+class BulkUploadStatusOut(BaseModel):
+    dataset_id: int
+    status: Literal["pending", "processing", "completed", "failed"]
+    progress_percentage: int
+    total_processed: int = Field(description="images stored or refused so far")
+    total_images: int = Field(description="images in the zip (0 until it has been read)")
+    done: int
+    failed: int
+    failed_images: list[FailedImageOut]
+    error: FailureOut | None = Field(description="failed: why the upload as a whole failed (a zip that could not be "
+                                                 "fetched, or was refused: unsafe names, links, a zip bomb)")
+    created_at: str
+    updated_at: str
+
+
 class TrainingParametersOut(BaseModel):
     """Empty until start_training resolves them."""
 
@@ -255,7 +351,7 @@ class ModelOut(BaseModel):
     name: str
     description: str
     status: Literal["Created", "InProgress", "Completed", "Failed", "Stopping", "Stopped"]
-    dataset_id: int
+    dataset_id: int | None = Field(description="null for a model uploaded as a LoRA file")
     training_version: str
     training_mode: Literal["fully_automated", "expert"]
     generation_prefix: str | None

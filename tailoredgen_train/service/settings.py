@@ -32,9 +32,12 @@ class ServiceSettings:
     version_map: str | None = None
     launcher: Literal["local", "slurm"] = "local"
     num_processes: int = 1
-    """processes per job for the local launcher (>1 runs `accelerate launch --multi_gpu`)."""
+    """processes (GPUs) per job for the local launcher (>1 runs `accelerate launch --multi_gpu`); per
+    node for the Slurm launcher."""
     slurm_template: str | None = None
     """sbatch template; the packaged one (service/templates/train.sbatch) when None."""
+    slurm_nodes: int = 1
+    """nodes per job for the Slurm launcher, each running num_processes processes."""
     lost_jobs: Literal["resume", "fail"] = "resume"
     """A job whose process is gone without a result (server restart, node loss): relaunch it from
     its last checkpoint, or mark the model Failed."""
@@ -57,6 +60,9 @@ class ServiceSettings:
     1024 when absent); tests and CPU-only demos set 64-128."""
     generation_queue_size: int = 64
     """generation requests waiting for the worker; beyond this a new request gets 429."""
+    import_roots: list[Path] = field(default_factory=list)
+    """folders on the server whose files bulk-upload (`zip_url`) and upload_model (`model_url`) may
+    name by path; empty: only http(s) URLs are imported."""
     vlm: str | None = None
     """the captioning model (a hub id such as briaai/FIBO-vlm, or a Qwen3-VL folder): automatic
     captions, visual schemas, caption prefixes, refined prompts and plain-text FIBO prompts. None:
@@ -65,9 +71,23 @@ class ServiceSettings:
     """one token allowance for every string value of a caption (shorter captions; tests, CPU demos)."""
     vlm_max_pixels: int | None = None
     """the largest image area given to the VLM (FIBO's 1024*28*28 when None)."""
+    max_upload_bytes: int = 50 * 2**20
+    """the largest image upload; a bigger body is refused with 413 from its Content-Length, or as
+    soon as the streamed body passes it. The captioning endpoints that carry images in their JSON
+    body take this much too."""
+    max_json_bytes: int = 2**20
+    """the largest JSON (or form) body of every other request (413 beyond)."""
+    max_image_pixels: int = 50_000_000
+    """an uploaded image with more pixels is refused (413) from its header, before it is decoded."""
+    max_concurrent_decodes: int = 2
+    """uploads decoded at once (a decode holds up to ~10 bytes per pixel); the others wait their turn."""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        self.import_roots = [Path(root) for root in self.import_roots]
+        for root in self.import_roots:
+            if not root.is_absolute() or not root.is_dir():
+                raise ConfigError(f"--import-root {root}: pass an absolute path to an existing folder")
         if not self.tokens:
             raise ConfigError(f"no API tokens configured: set {TOKENS_ENV}=token1,token2 or pass --tokens-file FILE")
         if any(len(t) < 8 for t in self.tokens):
@@ -84,12 +104,16 @@ class ServiceSettings:
             raise ConfigError(f"launcher must be 'local' or 'slurm', not {self.launcher!r}")
         if self.lost_jobs not in ("resume", "fail"):
             raise ConfigError(f"lost_jobs must be 'resume' or 'fail', not {self.lost_jobs!r}")
-        for name, value, low in (("num_processes", self.num_processes, 1),
+        for name, value, low in (("num_processes", self.num_processes, 1), ("slurm_nodes", self.slurm_nodes, 1),
                                  ("max_resume_attempts", self.max_resume_attempts, 0),
                                  ("rate_limit_per_minute", self.rate_limit_per_minute, 1),
                                  ("max_concurrent_trainings", self.max_concurrent_trainings, 1),
                                  ("download_url_ttl_s", self.download_url_ttl_s, 1),
-                                 ("generation_queue_size", self.generation_queue_size, 1)):
+                                 ("generation_queue_size", self.generation_queue_size, 1),
+                                 ("max_upload_bytes", self.max_upload_bytes, 1),
+                                 ("max_json_bytes", self.max_json_bytes, 1),
+                                 ("max_image_pixels", self.max_image_pixels, 1),
+                                 ("max_concurrent_decodes", self.max_concurrent_decodes, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         for name, value in (("vlm_string_tokens", self.vlm_string_tokens), ("vlm_max_pixels", self.vlm_max_pixels)):

@@ -83,6 +83,17 @@ def checkpoint_steps(session: Session, model: Model) -> list[str]:
     return [str(s) for s in steps]
 
 
+UPLOADED_STEP = 1
+"""the one checkpoint of a model uploaded as a LoRA file (POST /models/upload_model)"""
+
+
+def final_step(model: Model) -> int:
+    """The checkpoint step of a Completed model's final LoRA: its training's last step, or an
+    uploaded model's one checkpoint."""
+    total = (model.training_parameters or {}).get("total_training_steps")
+    return UPLOADED_STEP if total is None and model.dataset_id is None else int(total)
+
+
 def model_view(session: Session, model: Model, *, include_training_parameters: bool = True) -> dict[str, Any]:
     body = {"id": model.id, "name": model.name, "description": model.description, "status": model.status,
             "dataset_id": model.dataset_id, "training_version": model.training_version,

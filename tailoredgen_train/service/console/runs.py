@@ -20,7 +20,7 @@ from ...report.metrics import finite_or_none, read_metrics
 from ...report.samples import find_renders, read_prompts
 from .. import models
 from ..access import Caller
-from ..datasets import dataset_or_404, project_or_404
+from ..datasets import project_or_404
 from ..db import Dataset, Model, Project
 from ..deps import file_inside, model_or_404, service_of
 from ..runner import ACTIVE
@@ -106,7 +106,9 @@ def run_page(request: Request, caller: Caller, model_id: int, *, status: int = 2
     with service.db.transaction() as session:
         model = model_or_404(session, model_id, caller)
         view = model_view(session, model)
-        dataset = dataset_view(session, dataset_or_404(session, model.dataset_id, caller))
+        # an uploaded model has no dataset, and a trained one outlives its deleted dataset
+        found = session.get(Dataset, model.dataset_id) if model.dataset_id is not None else None
+        dataset = dataset_view(session, found) if found is not None and caller.sees(found) else None
         project = project_view(project_or_404(session, model.project_id, caller))
     run_dir = service.runner.run_dir(model_id)
     downloads = {}
