@@ -3,6 +3,7 @@
     python scripts/bench.py --size tiny --recipe both             # CPU-sized: tiny FIBO base
     python scripts/bench.py --size full --recipe both             # one GPU: random full-size FIBO, 1024^2, 1536 tokens
     python scripts/bench.py --size full --recipe engine --low-memory
+    python scripts/bench.py --size full --recipe engine --sync-debug --render-prompts 0  # CUDA: no hidden host sync
     python scripts/bench.py --size full --layers 1 --text-layers 1 --resolution 64 --text-tokens 48 --rank 8  # CPU smoke
 
 Prints one JSON line per recipe (s_per_step = median of the timed steps after warm-up; each step
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine: time a validation render of this many prompts after the steps (0: none)")
     parser.add_argument("--render-steps", type=int, default=None,
                         help="inference steps of that render (default: the config's validation.num_inference_steps)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="engine on CUDA: one more step under torch.cuda.set_sync_debug_mode('error') with no "
+                             "loss read-back; a hidden host sync fails the run")
     args = parser.parse_args(argv)
     full = args.size == "full"
     steps = args.steps if args.steps is not None else (5 if full else 10)
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be 1 or more and --warmup 0 or more")
     if not full and (args.layers or args.text_layers):
         parser.error("--layers/--text-layers shrink the full-size model; the tiny base has its own sizes")
+    if args.sync_debug and args.recipe != "engine":
+        parser.error("--sync-debug checks the engine's step: use it with --recipe engine")
+    if args.sync_debug and not torch.cuda.is_available():
+        parser.error("--sync-debug needs CUDA (torch.cuda.set_sync_debug_mode); this machine has no GPU")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if torch.cuda.is_available():
         # cuDNN SDPA's backward crashes at FIBO shapes (docs/PERFORMANCE.md); make_accelerator does the same
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                            compile_blocks=args.compile, resolution=args.resolution, text_tokens=args.text_tokens,
                            layers=args.layers, text_layers=args.text_layers, images=args.images,
                            log_every=args.log_every, overrides=tuple(args.overrides),
-                           render_prompts=args.render_prompts, render_steps=args.render_steps)
+                           render_prompts=args.render_prompts, render_steps=args.render_steps,
+                           sync_debug=args.sync_debug)
     recipes = ["engine", "reference"] if args.recipe == "both" else [args.recipe]
     with tempfile.TemporaryDirectory(prefix="tg-bench-") as scratch:
         work = Path(args.workdir or scratch)

@@ -9,6 +9,8 @@
 #   RENDER_BENCH=only bash scripts/gpu_check.sh # only a 4-prompt validation render at 1024^2 of the full-size
 #                                               # FIBO in bf16 beside its step (render_s, render_peak_gib)
 #   CAPTION_BENCH=only bash scripts/gpu_check.sh  # only 20 captions at 1024^2 with a Qwen3-VL-4B-shaped VLM
+#   SYNC_CHECK=only bash scripts/gpu_check.sh   # only the full-size FIBO step under torch.cuda.set_sync_debug_mode
+#                                               # ("error") with logging off: a hidden host sync fails it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-check}
@@ -27,6 +29,16 @@ render_bench() {
 caption_bench() {
   python3 scripts/bench_caption.py --size full --images 20 2> "$out/bench-caption.log" | tee "$out/bench-caption.jsonl"
 }
+sync_check() {
+  python3 scripts/bench.py --size full --recipe engine --steps 2 --warmup 2 --render-prompts 0 --sync-debug \
+      2> "$out/bench-sync.log" | tee "$out/bench-sync.jsonl"
+  grep -q '"sync_debug": "ok"' "$out/bench-sync.jsonl"
+}
+if [ "${SYNC_CHECK:-0}" = only ]; then
+  sync_check
+  echo GPU_CHECK_OK
+  exit 0
+fi
 if [ "${FULL_BENCH:-0}" = only ]; then
   full_bench
   echo GPU_CHECK_OK

@@ -98,6 +98,7 @@ class ReferenceFibo(FiboFamily):
     and a dense additive (B,1,S,S) attention mask. Gradient checkpointing comes from the config."""
 
     name = "fibo-reference"
+    text_feature_keys = ()  # its entries are pixels and token ids: always "cached", encoded every step
 
     def __init__(self, model: LoadedModel, options=None):
         super().__init__(options)
@@ -119,7 +120,7 @@ class ReferenceFibo(FiboFamily):
         mask = torch.stack([torch.arange(longest) < len(e["input_ids"]) for e in entries])
         return {"pixels": torch.stack([e["pixels"] for e in entries]), "input_ids": ids, "text_mask": mask}
 
-    def release_encoders(self, model) -> None:
+    def release_encoders(self, model, keep_text: bool = False) -> None:
         pass  # they run every step
 
     def compute_loss(self, denoiser, batch, generator):
@@ -163,6 +164,9 @@ class BenchOptions:
     """Validation render timed after the steps (engine recipe): prompts per render, 0 for none."""
     render_steps: int | None = None
     """Inference steps of that render (default: the recipe config's validation.num_inference_steps)."""
+    sync_debug: bool = False
+    """Engine on CUDA: after the timed steps, one more step under torch.cuda.set_sync_debug_mode("error")
+    with no loss read-back (run.host_sync=log, no logging step): any hidden host sync fails it."""
 
     @property
     def full(self) -> bool:
@@ -185,6 +189,8 @@ def recipe_config(recipe: str, options: BenchOptions, work: Path) -> EngineConfi
     ]
     if options.render_steps:
         settings.append(f"validation.num_inference_steps={options.render_steps}")
+    if options.sync_debug and recipe == "engine":  # no read-back but the one after the last step
+        settings += ["run.host_sync=log", f"run.log_every={options.warmup + options.steps}"]
     if recipe == "reference":  # Bria's recipe: checkpointing on, nothing compiled
         settings += ["run.gradient_checkpointing=true", "run.compile_blocks=false"]
     elif options.low_memory:
@@ -297,6 +303,24 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def step_under_sync_debug(trainer) -> str:
+    """One more optimizer step (its micro-batches loaded first: loading is the host's part) under
+    torch.cuda.set_sync_debug_mode("error"): a blocking copy, .item() or a data-dependent shape in
+    the step raises. "ok" when none did."""
+    if trainer.settings.sync_every_step:
+        raise RuntimeError("the sync check needs run.host_sync=log (fused AdamW on CUDA): every step reads its loss")
+    batches = trainer.batches_from(trainer.progress.cursor)
+    micro_batches = [next(batches) for _ in range(trainer.settings.gradient_accumulation_steps)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(micro_batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer._resolve_pending()  # the step's own read-back, after the check
+    return "ok"
+
+
 def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     """Build the model, cache (engine) or not (reference), train warmup + steps, report one line."""
     config = recipe_config(recipe, options, work)
@@ -358,6 +382,8 @@ def run_recipe(recipe: str, options: BenchOptions, work: Path) -> dict:
     history = trainer.train()
     peak, peak_kind = peak_memory(device)
     render = _time_render(trainer, device) if trainer.validator is not None else {}
+    if options.sync_debug and recipe == "engine":
+        render["sync_debug"] = step_under_sync_debug(trainer)
     saves = _time_checkpoint_saves(trainer) if recipe == "engine" else {}
     timed = [r.seconds for r in history[options.warmup:]]
     s_per_step = statistics.median(timed)

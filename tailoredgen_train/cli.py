@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--slurm-nodes", type=int, default=1, help="nodes per training job with --launcher slurm")
     serve.add_argument("--lost-jobs", choices=("resume", "fail"), default="resume",
                        help="a job found gone without a result (e.g. after a restart): resume it or mark it Failed")
+    serve.add_argument("--keep-finished-runs", action="store_true",
+                       help="keep a finished job's feature cache and every resume state (default: delete them; "
+                            "published checkpoints are always kept)")
     serve.add_argument("--rate-limit", type=int, default=600, help="requests per minute per token")
     serve.add_argument("--max-concurrent-trainings", type=int, default=4, help="per token")
     serve.add_argument("--poll-interval", type=float, default=2.0, help="seconds between job checks")
@@ -266,6 +269,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         version_map=args.version_map, launcher=args.launcher, slurm_template=args.slurm_template,
         slurm_nodes=args.slurm_nodes,
         num_processes=args.num_processes, lost_jobs=args.lost_jobs, rate_limit_per_minute=args.rate_limit,
+        prune_finished_runs=not args.keep_finished_runs,
         max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
         public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
         vlm=args.vlm, vlm_string_tokens=args.vlm_string_tokens, vlm_max_pixels=args.vlm_max_pixels,

@@ -47,7 +47,15 @@ class DataConfig:
     batch_size: int = 1
     """Micro-batch per process; batches never mix aspect-ratio buckets."""
     num_workers: int = 0
-    """DataLoader workers reading cached features; 0 reads in the training process."""
+    """DataLoader workers reading cached image features; 0 reads in the training process. Text
+    features are never passed through them: they are read (or encoded) in the training process."""
+    text_features: Literal["auto", "cache", "online"] = "auto"
+    """cache: the text encoder's outputs are cached with the latents and read memory-mapped each step
+    (FIBO: ~156 KB per caption token in bf16); online: the text encoder stays on the device and
+    encodes each micro-batch's captions (FIBO: a few percent of a step); auto: cache while the text
+    cache of the whole dataset fits data.text_cache_budget_gib, else online."""
+    text_cache_budget_gib: float = 16.0
+    """The largest text cache `text_features: auto` writes (GiB, for the whole dataset)."""
 
     def __post_init__(self) -> None:
         _require(self.resolution >= 64, "data.resolution", self.resolution, "use 64 or more (1024 for FIBO)")
@@ -55,6 +63,10 @@ class DataConfig:
         _require(self.max_pixels > 0, "data.max_pixels", self.max_pixels, "use a positive pixel count")
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "use 1 or more")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        _require(self.text_features in ("auto", "cache", "online"), "data.text_features", self.text_features,
+                 "use auto, cache or online")
+        _require(self.text_cache_budget_gib >= 0, "data.text_cache_budget_gib", self.text_cache_budget_gib,
+                 "use 0 (always online under auto) or a positive size in GiB")
 
 
 @dataclass(kw_only=True)

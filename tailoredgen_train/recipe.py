@@ -26,13 +26,14 @@ from . import __version__
 from .config import EngineConfig, engine_config_from_dict
 from .contract import TrainingParameters, canonical_version
 from .data import BucketBatchSampler, nearest_bucket, scale_buckets, validate_dataset
-from .engine.cache import CacheItem, CachedFeatures, CollateWithIndices, FeatureCache, fill_cache
+from .engine.cache import CacheItem, CachedFeatures, FeatureCache, TextFeatures, choose_text_features, entries_of, \
+    fill_cache
 from .engine.checkpoint import Checkpointer, Storage
 from .engine.checkpoint_manager import CheckpointManager
 from .engine.output_lock import lock_output
 from .engine.preemption import StopFlag
 from .engine.run_log import run_log
-from .engine.lora import add_lora, lora_signature, trainable_parameters
+from .engine.lora import add_lora, lora_signature, set_lora_input_casting, trainable_parameters
 from .engine.schedule import build_lr_scheduler
 from .engine.speed import apply_block_policy, build_optimizer, bytes_of, resolve_checkpointing, resolve_host_sync
 from .engine.trainer import StepRecord, Trainer, TrainerSettings
@@ -172,23 +173,37 @@ def make_accelerator(config: EngineConfig, output_dir: Path) -> Accelerator:
 
 
 def _cache_features(family, model, samples, buckets, config: EngineConfig, output_dir: Path,
-                    accelerator: Accelerator) -> tuple[FeatureCache, list[CacheItem], int]:
-    """Encode every sample once (each process a share), then free the encoders for good."""
+                    accelerator: Accelerator) -> tuple[FeatureCache, list[CacheItem], int, bool]:
+    """Encode every sample once (each process a share), then free the encoders for good: all of
+    them, or all but the text encoder when the text features are encoded online (returned True)."""
+    online = choose_text_features(
+        config.data.text_features, has_text_features=bool(family.text_feature_keys),
+        cache_bytes=lambda: sum(_bytes_of_specs(family.text_feature_specs(model, s.caption)) for s in samples),
+        budget_gib=config.data.text_cache_budget_gib) == "online"
     cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
     options = json.dumps(dataclasses.asdict(family.options), sort_keys=True)
-    namespace = f"{family.name}:{model.fingerprint}:{options}"
+    # image-only entries never pass for complete ones
+    namespace = f"{family.name}:{model.fingerprint}:{options}" + (":image-features" if online else "")
     cache = FeatureCache(cache_dir, namespace=namespace)
     items = [cache.item(s, nearest_bucket(s.width, s.height, buckets)) for s in samples]
-    encoded = fill_cache(cache, items, lambda pixels, caption, geometry: family.encode_sample(model, pixels, caption,
-                                                                                               geometry),
-                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+
+    def encode(pixels, caption, geometry):
+        if online:
+            return {key: value.cpu() for key, value in family.encode_image(model, pixels, geometry).items()}
+        return family.encode_sample(model, pixels, caption, geometry)
+
+    encoded = fill_cache(cache, items, encode, rank=accelerator.process_index, world_size=accelerator.num_processes,
                          max_pixels=config.data.max_pixels)
     accelerator.wait_for_everyone()
-    family.release_encoders(model)
+    family.release_encoders(model, keep_text=online)
     gc.collect()
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
-    return cache, items, encoded
+    return cache, items, encoded, online
+
+
+def _bytes_of_specs(specs: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in specs.values())
 
 
 def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
@@ -218,16 +233,18 @@ def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelera
     output_dir = Path(job.output_dir)
     targets = config.lora.target_modules or list(family.default_lora_targets)
     num_trainable = add_lora(model.denoiser, rank=params.rank, targets=targets, init=config.lora.init)
+    # the step runs under autocast when bf16: PEFT's cast of each LoRA input to fp32 is undone at once
+    set_lora_input_casting(model.denoiser, enabled=accelerator.mixed_precision == "no")
 
     buckets = scale_buckets(family.bucket_base, config.data.resolution, family.bucket_multiple)
-    cache, items, encoded = _cache_features(family, model, samples, buckets, config, output_dir, accelerator)
+    cache, items, encoded, online = _cache_features(family, model, samples, buckets, config, output_dir, accelerator)
 
     trainable = trainable_parameters(model.denoiser)
     blocks = family.denoiser_blocks(model.denoiser)
     block_bytes = None
     if config.run.gradient_checkpointing == "auto":
-        estimates = [family.block_activation_bytes(model.denoiser, cache.shapes(item), config.data.batch_size)
-                     for item in items]
+        estimates = [family.block_activation_bytes(model.denoiser, _feature_shapes(family, model, cache, item, online),
+                                                   config.data.batch_size) for item in items]
         block_bytes = None if None in estimates else max(estimates, default=0)
     checkpointing = resolve_checkpointing(config.run.gradient_checkpointing, device=accelerator.device,
                                           num_blocks=len(blocks), block_bytes=block_bytes,
@@ -238,15 +255,17 @@ def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelera
     accumulation = config.accumulation_steps(accelerator.num_processes)  # refuses a global batch that does not divide
     # one global order of micro-batches, whatever the number of processes (no per-process padding)
     sampler = BucketBatchSampler([item.bucket for item in items], config.data.batch_size, config.run.seed)
-    dataset = CachedFeatures(cache, items)
-    collate = CollateWithIndices(family.collate)
+    # workers (if any) pass only image features; text features are read or encoded in this process
+    dataset = CachedFeatures(cache, items, family.text_feature_keys)
+    with_text = TextFeatures(cache, items, family.text_feature_keys, family.collate, device=accelerator.device,
+                             encode=(lambda caption: family.encode_text(model, caption)) if online else None)
 
     def batches_from(cursor: int):
         # global micro-batch j goes to process j % P (micro_batch_position in the trainer);
-        # pinned host batches: the step's .to(device, non_blocking=True) copies overlap the host
+        # pinned host entries: the .to(device, non_blocking=True) copies overlap the host
         order = sampler.iter_from(cursor + accelerator.process_index, stride=accelerator.num_processes)
-        return iter(torch.utils.data.DataLoader(
-            dataset, batch_sampler=order, collate_fn=collate,
+        return map(with_text, torch.utils.data.DataLoader(
+            dataset, batch_sampler=order, collate_fn=entries_of,
             num_workers=config.data.num_workers, pin_memory=accelerator.device.type == "cuda",
         ))
 
@@ -282,6 +301,14 @@ def prepare_training(job: JobSpec, family, model, samples, accelerator: Accelera
     )
     return TrainingSetup(trainer=trainer, items=items, buckets=buckets, encoded=encoded, num_trainable=num_trainable,
                          batches_per_epoch=sampler.batches_per_epoch, checkpointing=checkpointing)
+
+
+def _feature_shapes(family, model, cache: FeatureCache, item: CacheItem, online: bool) -> dict[str, tuple[int, ...]]:
+    """A sample's feature shapes as a step sees them (the text part from its specs when online)."""
+    shapes = cache.shapes(item)
+    if online:
+        shapes.update({k: tuple(v.shape) for k, v in family.text_feature_specs(model, item.sample.caption).items()})
+    return shapes
 
 
 def _validator(plan: ValidationPlan | None, family, job: JobSpec, accelerator: Accelerator,
@@ -435,6 +462,7 @@ def _shut_down(accelerator: Accelerator, trainer: Trainer, *, every_process_agre
     """Free the DDP wrapper, then the process group, while every process is still there: a gloo
     group torn down by the wrapper's destructor after a peer exited can hang its process."""
     trainer.denoiser = accelerator.unwrap_model(trainer.denoiser)
+    set_lora_input_casting(trainer.denoiser, True)  # callers may run it outside autocast
     if trainer.validator is not None:
         trainer.validator.release()
     accelerator.free_memory()  # drops accelerate's references to the wrapper and its reducer

@@ -3,6 +3,7 @@ full-size build path (on the meta device: no memory, no time), and the FLOP form
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from diffusers import BriaFiboPipeline, BriaFiboTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tailoredgen_train.benchmark import bf16_peak_tflops, fibo_step_flop_parts
+from tailoredgen_train.benchmark import BenchOptions, bf16_peak_tflops, fibo_step_flop_parts, recipe_config
 from tailoredgen_train.engine.lora import add_lora
 from tailoredgen_train.families.fibo import FIBO_LORA_TARGETS
 from tailoredgen_train.fixtures.tiny_bases import build_random_fibo
@@ -98,3 +99,28 @@ def test_mfu_peak_is_known_for_hopper_and_unknown_for_cpus():
     assert bf16_peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
     assert bf16_peak_tflops("NVIDIA H200") == pytest.approx(989.4)
     assert bf16_peak_tflops("cpu (2 threads)") is None
+
+
+def bench_script():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [(["--sync-debug"], "use it with --recipe engine"),
+                                           (["--sync-debug", "--recipe", "engine"], "needs CUDA")])
+def test_the_sync_check_flag_is_refused_where_it_cannot_run(argv, message, capsys):
+    if torch.cuda.is_available() and message == "needs CUDA":
+        pytest.skip("this machine has CUDA: the flag is accepted")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_script().main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_sync_check_reads_the_loss_back_only_after_its_steps(tmp_path):
+    checked = recipe_config("engine", BenchOptions(sync_debug=True, steps=2, warmup=1), tmp_path)
+    assert checked.run.host_sync == "log" and checked.run.log_every == 3
+    plain = recipe_config("engine", BenchOptions(steps=2, warmup=1), tmp_path)
+    assert plain.run.host_sync == "auto" and plain.run.log_every == 1
+    assert recipe_config("reference", BenchOptions(sync_debug=True), tmp_path).run.host_sync == "auto"

@@ -132,6 +132,14 @@ def test_checkpoints_list_newest_first_and_their_lora_downloads(trained, tiny_fi
     assert not torch.allclose(tuned, base, atol=1e-3)  # the downloaded LoRA changes what the pipeline makes
 
 
+def test_the_finished_job_lost_its_cache_and_old_resume_states_and_kept_its_checkpoints(trained):
+    checkpointer = Checkpointer(trained.run_dir, is_main_process=False)
+    assert not (trained.run_dir / "cache").exists()  # serve deletes it when the job settles
+    assert checkpointer.resume_steps() == [200] and checkpointer.latest_resume() is not None
+    assert checkpointer.published_steps() == [200, 100]
+    assert all(Checkpointer.verify(checkpointer.path_for(step)) for step in (100, 200))
+
+
 def test_a_checkpoint_lists_its_sample_images_and_they_download(trained):
     with trained.api() as api:
         one = api.get(f"/models/{trained.model_id}/checkpoints/100").json()

@@ -9,19 +9,21 @@ shuffled loaders over step-indexed caches silently pair one image with another's
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..data import CropGeometry, Sample, crop_geometry, load_rgb, resize_and_center_crop, to_tensor
 from ..errors import OutOfMemoryError
 
+log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -50,8 +52,13 @@ class FeatureCache:
     def has(self, item: CacheItem) -> bool:
         return self.path(item).is_file()
 
-    def load(self, item: CacheItem) -> dict[str, torch.Tensor]:
-        return load_file(self.path(item))
+    def load(self, item: CacheItem, keys: Iterable[str] | None = None,
+             skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """The entry's tensors (only `keys`, none of `skip`): the file is memory-mapped and only
+        what is asked for is read."""
+        skip = set(skip)
+        with safe_open(self.path(item), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in (handle.keys() if keys is None else keys) if key not in skip}
 
     def shapes(self, item: CacheItem) -> dict[str, tuple[int, ...]]:
         """An entry's tensor shapes, from the file header alone."""
@@ -105,25 +112,67 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
-class CachedFeatures(torch.utils.data.Dataset):
-    """Index -> (index, cached tensors); the loader's collate turns a bucket's entries into a batch."""
+def choose_text_features(mode: str, *, has_text_features: bool, cache_bytes: Callable[[], int],
+                         budget_gib: float) -> str:
+    """data.text_features -> "cache" or "online". auto caches while the whole dataset's text features
+    (`cache_bytes()`, computed only when needed) fit the budget. A family whose features do not split
+    into image and text parts always caches."""
+    if not has_text_features or mode == "cache":
+        return "cache"
+    if mode == "online":
+        return "online"
+    size = cache_bytes()
+    choice = "cache" if size <= budget_gib * 2**30 else "online"
+    log.info("data.text_features=auto: the text features would take %.2f GiB in the cache (budget "
+             "data.text_cache_budget_gib=%g): %s", size / 2**30, budget_gib,
+             "caching them" if choice == "cache" else "encoding them online, on the device, every micro-batch")
+    return choice
 
-    def __init__(self, cache: FeatureCache, items: list[CacheItem]):
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """Index -> (index, the entry's image features): what DataLoader workers may pass through shared
+    memory. Text features (FIBO: hundreds of MB per long caption) are left to `TextFeatures`, in the
+    training process."""
+
+    def __init__(self, cache: FeatureCache, items: list[CacheItem], text_keys: Iterable[str] = ()):
         self.cache = cache
         self.items = items
+        self.text_keys = frozenset(text_keys)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[int, dict[str, torch.Tensor]]:
-        return index, self.cache.load(self.items[index])
+        return index, self.cache.load(self.items[index], skip=self.text_keys)
 
 
-class CollateWithIndices:
-    """A picklable collate (DataLoader workers need one) that keeps the sample indices."""
+def entries_of(entries: list[tuple[int, dict[str, torch.Tensor]]]) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """The DataLoader's collate: the entries as they are (a picklable top-level function for workers)."""
+    return entries
 
-    def __init__(self, collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]):
+
+class TextFeatures:
+    """Completes the loader's (index, image features) entries with their text features, in the training
+    process, then batches them with the family's collate: (indices, batch). The text features are
+    read from the cache (`encode` None) or encoded on the device by `encode(caption)` (online)."""
+
+    def __init__(self, cache: FeatureCache, items: list[CacheItem], text_keys: Iterable[str],
+                 collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]],
+                 encode: Callable[[str], dict[str, torch.Tensor]] | None = None, device: torch.device | None = None):
+        self.cache = cache
+        self.items = items
+        self.text_keys = tuple(text_keys)
         self.collate = collate
+        self.encode = encode
+        self.device = device
 
     def __call__(self, entries: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[list[int], dict[str, torch.Tensor]]:
-        return [i for i, _ in entries], self.collate([e for _, e in entries])
+        full = []
+        for index, image in entries:
+            item = self.items[index]
+            if self.encode is None:
+                full.append({**image, **(self.cache.load(item, self.text_keys) if self.text_keys else {})})
+            else:  # the text features are born on the device: the image features join them there
+                image = {key: value.to(self.device, non_blocking=True) for key, value in image.items()}
+                full.append({**image, **self.encode(item.sample.caption)})
+        return [index for index, _ in entries], self.collate(full)

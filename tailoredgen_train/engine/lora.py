@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
@@ -32,6 +34,28 @@ def add_lora(denoiser: nn.Module, *, rank: int, targets: Iterable[str], init: st
     # the base may be bf16; optimizer state and updates stay exact in fp32
     cast_training_params(denoiser, dtype=torch.float32)
     return sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+
+
+def set_lora_input_casting(denoiser: nn.Module, enabled: bool) -> None:
+    """PEFT casts every LoRA layer's input to the adapter's dtype (fp32 here); under autocast the
+    matmul casts it straight back to bf16, so a bf16 step turns the cast off (same values, two
+    copies fewer per layer). Code that runs the denoiser outside autocast needs it on."""
+    for module in denoiser.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
+
+
+@contextmanager
+def lora_input_casting(denoiser: nn.Module) -> Iterator[None]:
+    """PEFT's input cast on for the duration (a render without autocast), then as it was."""
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m.cast_input_dtype_enabled for m in layers]
+    set_lora_input_casting(denoiser, True)
+    try:
+        yield
+    finally:
+        for module, enabled in zip(layers, before):
+            module.cast_input_dtype_enabled = enabled
 
 
 def trainable_parameters(denoiser: nn.Module) -> list[nn.Parameter]:

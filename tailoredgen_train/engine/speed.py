@@ -61,20 +61,25 @@ def resolve_checkpointing(policy: bool | int | str, *, device: torch.device, num
 def apply_block_policy(denoiser: nn.Module, blocks: list[nn.Module], *, checkpointing: int | bool,
                        compile_blocks: bool, device: torch.device) -> None:
     """Checkpoint all blocks (the model's switch), the last `checkpointing` blocks, or none; compile
-    each block on its own (regional: one small graph per block class, compiled once, reused)."""
+    each block on its own (regional: one small graph per block class, compiled once, reused).
+    A family without a block list (SDXL's UNet) gets the model's own switches: checkpointing all or
+    nothing, and diffusers' `compile_repeated_blocks` (the classes the model names)."""
     if compile_blocks and device.type != "cuda":
         log.warning("run.compile_blocks is for CUDA; not compiling on %s", device.type)
         compile_blocks = False
+    if not blocks:
+        if checkpointing:  # True or a count: with no block list it is all or nothing
+            denoiser.enable_gradient_checkpointing()
+        if compile_blocks:
+            if getattr(denoiser, "_repeated_blocks", None):
+                denoiser.compile_repeated_blocks()
+            else:
+                log.warning("run.compile_blocks: %s names no repeated blocks; not compiling", type(denoiser).__name__)
+        return
     if checkpointing is True and not compile_blocks:
         denoiser.enable_gradient_checkpointing()
         return
     count = len(blocks) if checkpointing is True else int(checkpointing)
-    if (count or compile_blocks) and not blocks:
-        if compile_blocks:
-            log.warning("run.compile_blocks: this family names no transformer blocks; not compiling")
-        if count:
-            denoiser.enable_gradient_checkpointing()  # no block list: all or nothing
-        return
     for index, block in enumerate(blocks):
         forward = block.forward
         if compile_blocks:

@@ -107,6 +107,11 @@ class ModelFamily(ABC):
     generation_steps: ClassVar[int]
     generation_guidance: ClassVar[float]
     generation_resolution: ClassVar[int] = 1024
+    text_feature_keys: ClassVar[tuple[str, ...]] = ()
+    """The features `encode_text` makes from a caption alone (data.text_features=online encodes them
+    every step instead of caching them); empty: the family caches everything, always."""
+    text_encoder_keys: ClassVar[tuple[str, ...]] = ()
+    """The `LoadedModel.encoders` entries `encode_text` needs (kept on the device when online)."""
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = self.options_cls.from_mapping(dict(options or {}), self.name)
@@ -158,12 +163,28 @@ class ModelFamily(ABC):
     def load(self, base: str, *, device: torch.device, weight_dtype: torch.dtype) -> LoadedModel:
         """Load the diffusers-format directory (or hub id) `base`."""
 
-    @abstractmethod
     def encode_sample(
-        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry
+        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
     ) -> dict[str, torch.Tensor]:
         """One sample's cached features, on CPU. `pixels` is (1, 3, H, W) in [-1, 1]; `geometry` says
-        how the original image was resized and cropped into it (SDXL conditions on it)."""
+        how the original image was resized and cropped into it (SDXL conditions on it; the others
+        need none)."""
+        features = {**self.encode_image(model, pixels, geometry), **self.encode_text(model, caption)}
+        return {key: value.cpu() for key, value in features.items()}
+
+    def encode_image(self, model: LoadedModel, pixels: torch.Tensor, geometry: CropGeometry) -> dict[str, torch.Tensor]:
+        """The features of the image (and its crop), on the encoders' device."""
+        raise NotImplementedError(f"{self.name} overrides encode_sample")
+
+    def encode_text(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        """The features of one caption (`text_feature_keys`), on the text encoder's device, shaped as
+        the cache stores them: `collate` batches them."""
+        raise NotImplementedError(f"{self.name} overrides encode_sample")
+
+    def text_feature_specs(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        """`encode_text`'s output for `caption` as meta tensors (shape and dtype, no data): what caching
+        it would cost. Families whose sizes follow from the token count override it without encoding."""
+        return {key: torch.empty_like(value, device="meta") for key, value in self.encode_text(model, caption).items()}
 
     @abstractmethod
     def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -190,9 +211,12 @@ class ModelFamily(ABC):
         of these shapes (gradient_checkpointing=auto); None: no estimate."""
         return None
 
-    def release_encoders(self, model: LoadedModel) -> None:
-        """Free the frozen encoders once every feature is cached."""
-        model.encoders.clear()
+    def release_encoders(self, model: LoadedModel, keep_text: bool = False) -> None:
+        """Free the frozen encoders once every feature is cached; `keep_text`: all but the text
+        encoder (data.text_features=online encodes each micro-batch's captions)."""
+        for key in list(model.encoders):
+            if not (keep_text and key in self.text_encoder_keys):
+                del model.encoders[key]
 
     # ---- generation ---------------------------------------------------------------------------
 

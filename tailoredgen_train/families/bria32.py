@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 from ..data.buckets import CropGeometry
 from ..errors import ConfigError
 from .base import FamilyOptions, LoadedModel, ModelFamily, base_fingerprint, diffusers_dtype
-from .fibo import FIBO_LORA_TARGETS
+from .fibo import FIBO_LORA_TARGETS, latent_image_ids
 
 # Bria's 3.x LoRA recipe (Efrat-Taig/training-lora-advanced): the attention and feed-forward
 # suffixes of FIBO's list, without the AdaLN and output layers.
@@ -38,9 +38,12 @@ BRIA32_BUCKETS_1024 = tuple(dict.fromkeys(_README_BUCKETS + tuple((h, w) for w, 
 
 def keep_t5_projections_fp32(text_encoder: T5EncoderModel) -> None:
     """T5 overflows in half precision unless each block's last projection stays fp32 (BriaPipeline's
-    docstring); T5's feed-forward casts its input to wo's dtype, so the mix just works."""
-    for block in text_encoder.encoder.block:
-        block.layer[-1].DenseReluDense.wo.to(torch.float32)
+    docstring); T5's feed-forward casts its input to wo's dtype, so the mix just works. The modules
+    are transformers' own `_keep_in_fp32_modules` ("wo"), which from_pretrained honours for fp16 only."""
+    keep = set(text_encoder._keep_in_fp32_modules or ())
+    for name, module in text_encoder.named_modules():
+        if name.rsplit(".", 1)[-1] in keep:
+            module.to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Bria32Family(ModelFamily):
     pipeline_class_name = "BriaPipeline"
     base_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     hub_id = "briaai/BRIA-3.2"
+    text_feature_keys = ("prompt_embeds",)
+    text_encoder_keys = ("pipe",)
     # BriaPipeline's defaults; BRIA-3.2's card advises 30-50 steps and CFG 5 (Bria's ComfyUI node sends 30)
     generation_steps = 30
     generation_guidance = 5.0
@@ -91,7 +96,8 @@ class Bria32Family(ModelFamily):
                             tokenizer=tokenizer)
         training_schedule = FlowMatchEulerDiscreteScheduler.from_config(
             scheduler.config, shift=self.options.shift, use_dynamic_shifting=False)
-        self.sigmas = training_schedule.sigmas.to(torch.float32)
+        # on the device once: the step indexes it there without a copy
+        self.sigmas = training_schedule.sigmas.to(device, torch.float32)
         return LoadedModel(
             denoiser=transformer,
             encoders={"pipe": pipe, "vae": vae},
@@ -100,21 +106,21 @@ class Bria32Family(ModelFamily):
         )
 
     @torch.no_grad()
-    def encode_sample(
-        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
-    ) -> dict[str, torch.Tensor]:
-        vae, pipe = model.encoders["vae"], model.encoders["pipe"]
-        device = vae.device
-        dist = vae.encode(pixels.to(device, torch.float32)).latent_dist
+    def encode_image(self, model: LoadedModel, pixels: torch.Tensor,
+                     geometry: CropGeometry | None = None) -> dict[str, torch.Tensor]:
+        vae = model.encoders["vae"]
+        dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
         shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
-        prompt_embeds, _, _ = pipe.encode_prompt(prompt=[caption], device=device, do_classifier_free_guidance=False,
-                                                 max_sequence_length=self.options.max_sequence_length)
         # the distribution, normalised: a fresh latent is drawn from it every step
-        return {
-            "latent_mean": ((dist.mean[0] - shift) * scale).cpu(),
-            "latent_std": (dist.std[0] * scale).cpu(),
-            "prompt_embeds": prompt_embeds[0].cpu(),
-        }
+        return {"latent_mean": (dist.mean[0] - shift) * scale, "latent_std": dist.std[0] * scale}
+
+    @torch.no_grad()
+    def encode_text(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        pipe = model.encoders["pipe"]
+        prompt_embeds, _, _ = pipe.encode_prompt(prompt=[caption], device=pipe.text_encoder.device,
+                                                 do_classifier_free_guidance=False,
+                                                 max_sequence_length=self.options.max_sequence_length)
+        return {"prompt_embeds": prompt_embeds[0]}
 
     def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         # every caption is already zero-padded to max_sequence_length
@@ -126,13 +132,13 @@ class Bria32Family(ModelFamily):
         device, dtype = mean.device, batch["prompt_embeds"].dtype
         x0 = mean + std * torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
         index = torch.randint(0, len(self.sigmas), (b,), generator=generator, device=device)
-        sigmas = self.sigmas.to(device)[index]
+        sigmas = self.sigmas[index] if self.sigmas.device == device else self.sigmas.to(device)[index]
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         s = sigmas.view(b, 1, 1, 1)
         noisy = s * noise + (1 - s) * x0
 
         packed = BriaPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = BriaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)[0]
+        img_ids = latent_image_ids(h // 2, w // 2, device, dtype)
         txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
         pred = denoiser(
             hidden_states=packed.to(dtype),
@@ -144,6 +150,10 @@ class Bria32Family(ModelFamily):
         )[0]
         target = BriaPipeline._pack_latents(noise - x0, b, c, h, w)
         return F.mse_loss(pred.float(), target.float())
+
+    def denoiser_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        unwrapped = getattr(denoiser, "module", denoiser)
+        return [*unwrapped.transformer_blocks, *unwrapped.single_transformer_blocks]
 
     def save_lora(self, directory: Path, lora_state: dict[str, torch.Tensor], adapter_metadata: dict) -> None:
         # BriaPipeline has no LoRA mixin; Flux's saver writes the `transformer.` keys that

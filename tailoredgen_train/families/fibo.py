@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, BriaFiboPipeline, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,9 +70,9 @@ class FiboOptions(FamilyOptions):
 
 
 def logit_normal_mu(image_tokens: int) -> float:
-    """FIBO's shift: linear from 0.5 at 256 image tokens to 1.15 at 4096 (1024x1024)."""
-    slope = (1.15 - 0.5) / (4096 - 256)
-    return 0.5 + slope * (image_tokens - 256)
+    """FIBO's shift: linear from 0.5 at 256 image tokens to 1.15 at 4096 (1024x1024): diffusers'
+    `calculate_shift` (the Flux/FIBO pipelines' dynamic-shift formula) at Bria's training constants."""
+    return calculate_shift(image_tokens, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
 def sample_sigmas(
@@ -84,6 +85,14 @@ def sample_sigmas(
     uniform = torch.rand(batch_size, generator=generator, device=device)
     normal = torch.randn(batch_size, generator=generator, device=device) * std + logit_normal_mu(image_tokens)
     return torch.where(use_uniform, uniform, torch.sigmoid(normal))
+
+
+def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The pipelines' `_prepare_latent_image_ids` rows (0, row, column) of an h x w grid, built on
+    the device: theirs are built on the host and copied with a blocking copy every call."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    columns = torch.arange(width, device=device).repeat(height)
+    return torch.stack([torch.zeros_like(rows), rows, columns], dim=1).to(dtype)
 
 
 def fit_text_layers(layers: list[torch.Tensor], num_blocks: int) -> list[torch.Tensor]:
@@ -105,6 +114,8 @@ class FiboFamily(ModelFamily):
     pipeline_class_name = "BriaFiboPipeline"
     base_components = COMPONENTS
     hub_id = "briaai/FIBO"
+    text_feature_keys = ("prompt_embeds", "text_layers")
+    text_encoder_keys = ("text",)
     # Bria's generate.py and the pipeline's docstring: 50 steps, CFG 5 (Bria's API allows 20-50 and 3-5)
     generation_steps = 50
     generation_guidance = 5.0
@@ -153,28 +164,29 @@ class FiboFamily(ModelFamily):
         return (latents - mean) / std
 
     @torch.no_grad()
-    def encode_features(self, model: LoadedModel, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        """A batch's latents and text features, left on the encoders' device (a batch as `collate`
-        makes it, text padded to the longest caption)."""
-        latents = self.encode_latents(model, pixels)
-        device = latents.device
-        prompt_embeds, hidden_states, text_mask = model.encoders["text"].get_prompt_embeds(
-            prompt=list(captions), max_sequence_length=self.options.max_sequence_length, device=device
-        )
-        # each distinct hidden state once; fit_text_layers rebuilds the per-block list
+    def encode_text(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        text_pipe = model.encoders["text"]
+        prompt_embeds, hidden_states, _ = text_pipe.get_prompt_embeds(
+            prompt=[caption], max_sequence_length=self.options.max_sequence_length,
+            device=text_pipe.text_encoder.device)
+        # each distinct hidden state the transformer uses, once; fit_text_layers rebuilds the per-block list
         kept = hidden_states[-min(len(hidden_states), model.extras["num_blocks"]) :]
-        return {"latents": latents, "prompt_embeds": prompt_embeds, "text_layers": torch.stack(kept),
-                "text_mask": text_mask.bool()}
+        return {"prompt_embeds": prompt_embeds[0], "text_layers": torch.stack(kept)[:, 0]}
 
-    def encode_sample(
-        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry | None = None
-    ) -> dict[str, torch.Tensor]:
-        features = self.encode_features(model, pixels, [caption])
-        return {
-            "latents": features["latents"][0].cpu(),
-            "prompt_embeds": features["prompt_embeds"][0].cpu(),
-            "text_layers": features["text_layers"][:, 0].cpu(),
-        }
+    def text_feature_specs(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        # from the token count alone: encoding 200 long captions to learn their size would cost minutes
+        text_pipe = model.encoders["text"]
+        encoder = text_pipe.text_encoder
+        tokens = len(text_pipe.tokenizer(caption, max_length=self.options.max_sequence_length, truncation=True,
+                                         add_special_tokens=True).input_ids) if caption else 1
+        hidden = encoder.config.hidden_size
+        layers = min(encoder.config.num_hidden_layers + 1, model.extras["num_blocks"])
+        return {"prompt_embeds": torch.empty(tokens, 2 * hidden, dtype=encoder.dtype, device="meta"),
+                "text_layers": torch.empty(layers, tokens, hidden, dtype=encoder.dtype, device="meta")}
+
+    def encode_image(self, model: LoadedModel, pixels: torch.Tensor,
+                     geometry: CropGeometry | None = None) -> dict[str, torch.Tensor]:
+        return {"latents": self.encode_latents(model, pixels)[0]}
 
     def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         lengths = [e["prompt_embeds"].shape[0] for e in entries]
@@ -212,7 +224,7 @@ class FiboFamily(ModelFamily):
         target = noise - x0
 
         packed = BriaFiboPipeline._pack_latents_no_patch(noisy, b, c, h, w)
-        img_ids = BriaFiboPipeline._prepare_latent_image_ids(b, h, w, x0.device, dtype)
+        img_ids = latent_image_ids(h, w, x0.device, dtype)
         txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
         unwrapped = getattr(denoiser, "module", denoiser)  # DDP hides the block lists
         num_blocks = len(unwrapped.transformer_blocks) + len(unwrapped.single_transformer_blocks)

@@ -60,6 +60,8 @@ class Sdxl23Family(ModelFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     base_components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     hub_id = "briaai/BRIA-2.3"
+    text_feature_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    text_encoder_keys = ("pipe",)
     denoiser_component = "unet"
     # StableDiffusionXLPipeline's defaults (50 steps, CFG 5.0): Bria publishes none of its own for 2.3
     generation_steps = 50
@@ -96,26 +98,23 @@ class Sdxl23Family(ModelFamily):
         )
 
     @torch.no_grad()
-    def encode_sample(
-        self, model: LoadedModel, pixels: torch.Tensor, caption: str, geometry: CropGeometry
-    ) -> dict[str, torch.Tensor]:
+    def encode_image(self, model: LoadedModel, pixels: torch.Tensor, geometry: CropGeometry) -> dict[str, torch.Tensor]:
         vae, pipe = model.encoders["vae"], model.encoders["pipe"]
-        device = vae.device
-        dist = vae.encode(pixels.to(device, torch.float32)).latent_dist
+        dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
         scale = vae.config.scaling_factor
-        prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt=caption, device=device, num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=False)
         time_ids = pipe._get_add_time_ids(
-            geometry.original_size, geometry.crop_top_left, geometry.target_size, dtype=prompt_embeds.dtype,
+            geometry.original_size, geometry.crop_top_left, geometry.target_size,
+            dtype=pipe.text_encoder_2.dtype,  # encode_prompt's dtype
             text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         )
-        return {
-            "latent_mean": (dist.mean[0] * scale).cpu(),
-            "latent_std": (dist.std[0] * scale).cpu(),
-            "prompt_embeds": prompt_embeds[0].cpu(),
-            "pooled_prompt_embeds": pooled[0].cpu(),
-            "time_ids": time_ids[0].cpu(),
-        }
+        return {"latent_mean": dist.mean[0] * scale, "latent_std": dist.std[0] * scale, "time_ids": time_ids[0]}
+
+    @torch.no_grad()
+    def encode_text(self, model: LoadedModel, caption: str) -> dict[str, torch.Tensor]:
+        pipe = model.encoders["pipe"]
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt=caption, device=pipe.text_encoder_2.device,
+                                                         num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
 
     def collate(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         # CLIP pads every caption to 77 tokens, so everything stacks as is

@@ -17,7 +17,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..engine.lora import ADAPTER_NAME
+from ..engine.lora import ADAPTER_NAME, lora_input_casting
 from ..families import ModelFamily
 from .generate import GeneratedImage, GenerationSettings, generate
 
@@ -88,7 +88,8 @@ class TrainingRenderer:
         pipeline = self.family.attach_denoiser(self._pipeline, model)
         try:
             with torch.random.fork_rng(devices=_rng_devices(self.device)), torch.no_grad(), \
-                    eval_mode(model), lora_scale(model, settings.influence):
+                    eval_mode(model), lora_scale(model, settings.influence), \
+                    lora_input_casting(model):
                 for part in self._host_parts():
                     part.to(self.device)
                 return generate(pipeline, self.family, prompts, settings)

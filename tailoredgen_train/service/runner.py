@@ -23,6 +23,7 @@ from ..engine.checkpoint import Checkpointer
 from ..errors import RateLimitedError, TrainingAlreadyStartedError
 from ..outcome import read_outcome
 from ..recipe import JobSpec
+from .cleanup import prune_finished_run
 from .db import Checkpoint, Database, Dataset, Model, TrainingJob, utcnow
 from .launchers import Backend, JobHandle
 from .settings import ServiceSettings
@@ -174,6 +175,8 @@ class JobRunner:
 
     def _settle(self, model_id: int, job: TrainingJob | None, status: str, *, final_step: int | None = None,
                 code: str | None = None, message: str | None = None) -> None:
+        if job is not None and self.settings.prune_finished_runs:  # first: whoever sees the status finds it done
+            prune_finished_run(Path(job.run_dir))
         with self.db.transaction() as session:
             model = session.get(Model, model_id)
             if model is None or model.status not in ACTIVE:

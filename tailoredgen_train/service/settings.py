@@ -42,6 +42,9 @@ class ServiceSettings:
     """A job whose process is gone without a result (server restart, node loss): relaunch it from
     its last checkpoint, or mark the model Failed."""
     max_resume_attempts: int = 3
+    prune_finished_runs: bool = True
+    """When a job ends (Completed, Failed, Stopped), delete its feature cache and all but its newest
+    resume state; its published checkpoints are always kept."""
     rate_limit_per_minute: int = 600
     max_concurrent_trainings: int = 4
     """per token: InProgress + Stopping models it started."""
