@@ -141,7 +141,8 @@ def test_a_finished_run_loses_its_cache_and_old_resume_states_never_its_checkpoi
     checkpointer = Checkpointer(run_dir)
     for step in (100, 200):
         checkpointer.publish(step, lambda staging: (staging / "pytorch_lora_weights.safetensors").write_bytes(b"x"))
-    files = {"adapter.safetensors": b"a", "optimizer.pt": b"o", "state.json": b"{}"}
+    files = {name: (lambda handle, data=data: handle.write(data))
+             for name, data in {"adapter.safetensors": b"a", "optimizer.pt": b"o", "state.json": b"{}"}.items()}
     checkpointer.save_resume(100, files)
     checkpointer.save_resume(200, files)
     (run_dir / "resume" / "step-300").mkdir()  # a state that never verified: newer, but not valid
