@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--launcher", choices=("local", "slurm"), default="local")
     serve.add_argument("--slurm-template", help="sbatch template (default: the packaged train.sbatch)")
     serve.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) per training job")
+    serve.add_argument("--gpus", help="GPU ids the local launcher hands out, comma-separated, --num-processes to a job; "
+                                      "jobs queue while none is free (default: CUDA_VISIBLE_DEVICES, else every GPU)")
     serve.add_argument("--lost-jobs", choices=("resume", "fail"), default="resume",
                        help="a job found gone without a result (e.g. after a restart): resume it or mark it Failed")
     serve.add_argument("--rate-limit", type=int, default=600, help="requests per minute per token")
@@ -229,6 +231,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                                                                        "--engine-config"),
         version_map=args.version_map, launcher=args.launcher, slurm_template=args.slurm_template,
         num_processes=args.num_processes, lost_jobs=args.lost_jobs, rate_limit_per_minute=args.rate_limit,
+        gpus=None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()],
         max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
         public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
         vlm=args.vlm, vlm_string_tokens=args.vlm_string_tokens, vlm_max_pixels=args.vlm_max_pixels,

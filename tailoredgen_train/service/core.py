@@ -15,7 +15,7 @@ from .auth import RateLimiter, TokenAuth, UrlSigner
 from .captioning import CaptioningWorker, VlmPromptExpander
 from .db import Database
 from .generation import GenerationWorker, PromptExpander
-from .launchers import Backend, LocalBackend, SlurmBackend
+from .launchers import Backend, LocalBackend, SlurmBackend, visible_gpus
 from .runner import JobRunner
 from .settings import ServiceSettings
 
@@ -34,9 +34,11 @@ class Service:
                                 wanted_by=f"it is given for family {family}")
         self._families = {f: family_class(f)(self.engine_config(f).model) for f in settings.bases}
         self.db = Database(settings.database_url)
-        if backend is None:
-            backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
-                       else SlurmBackend(settings.slurm_template, settings.num_processes))
+        if backend is None and settings.launcher == "local":
+            gpus = visible_gpus() if settings.gpus is None else settings.gpus
+            backend = LocalBackend(settings.num_processes, gpus=gpus)
+        elif backend is None:
+            backend = SlurmBackend(settings.slurm_template, settings.num_processes)
         self.runner = JobRunner(self.db, backend, settings)
         self.auth = TokenAuth(settings.tokens, settings.organizations)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)

@@ -33,6 +33,9 @@ class ServiceSettings:
     launcher: Literal["local", "slurm"] = "local"
     num_processes: int = 1
     """processes per job for the local launcher (>1 runs `accelerate launch --multi_gpu`)."""
+    gpus: list[str] | None = None
+    """the node's GPU ids the local launcher hands out, num_processes to a job (its
+    CUDA_VISIBLE_DEVICES); jobs wait while none is free. None: every visible GPU ([] on CPU: none)."""
     slurm_template: str | None = None
     """sbatch template; the packaged one (service/templates/train.sbatch) when None."""
     lost_jobs: Literal["resume", "fail"] = "resume"
