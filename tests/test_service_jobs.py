@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service_helpers import (ORGANIZATION, TOKEN, StandInBackend, ThreadServer, client, completed_fibo_dataset,
-                             create_model, live_job_processes, settings_for, wait_for_status, wait_until)
+                             create_model, free_port, live_job_processes, settings_for, wait_for_status,
+                             wait_until)
 from tailoredgen_train import cli
 from tailoredgen_train.engine.preemption import STOP_FILE, StopFlag, request_stop
 from tailoredgen_train.errors import ConfigError
@@ -267,3 +270,64 @@ def test_jobs_get_their_own_gpu_slice_and_port_and_queue_in_order(tmp_path, tiny
         assert live_job_processes(data_dir) == {}
     finally:
         _kill_leftovers(data_dir)
+
+
+@pytest.mark.slow
+def test_kill_9_during_starts_leaves_no_failed_model_with_a_live_process(tmp_path, tiny_fibo_base):
+    """A real server process is killed while a dozen starts are in flight, at whatever point each
+    has reached; its successor must leave no Failed model with a live process, no unrecorded
+    process, and no staging file."""
+    from standin_server import CRASH_SETTINGS
+
+    settings = settings_for(tmp_path, tiny_fibo_base, **CRASH_SETTINGS)
+    data_dir = settings.data_dir
+    try:
+        with ThreadServer(settings, StandInBackend()) as server, client(server.url) as api:
+            dataset_id = completed_fibo_dataset(api)
+            ids = [create_model(api, dataset_id) for _ in range(12)]
+        port = free_port()
+        dying = subprocess.Popen([sys.executable, str(Path(__file__).parent / "standin_server.py"), str(tmp_path),
+                                  str(tiny_fibo_base), str(port)])
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 120, "the server to start")
+
+        def start(model_id: int) -> int | None:
+            try:
+                with client(f"http://127.0.0.1:{port}") as api:
+                    return api.post(f"/models/{model_id}/start_training").status_code
+            except httpx.HTTPError:
+                return None  # the server died under it
+
+        with ThreadPoolExecutor(len(ids)) as pool:
+            starts = [pool.submit(start, m) for m in ids]
+            wait(starts, return_when=FIRST_COMPLETED)
+            dying.kill()  # SIGKILL while the others are in flight
+        dying.wait()
+        orphans = live_job_processes(data_dir)
+
+        with ThreadServer(settings, StandInBackend()) as restarted, client(restarted.url) as api:
+            status = {m: api.get(f"/models/{m}").json()["status"] for m in ids}
+            assert set(status.values()) <= {"Created", "InProgress", "Failed"}, status
+            assert "InProgress" in status.values()
+            live = live_job_processes(data_dir)
+            assert orphans.keys() <= live.keys()  # adopted, not killed
+            assert not [m for m in live.values() if status[m] != "InProgress"], (status, live)
+            runner = restarted.service.runner
+            for pid, model_id in live.items():  # every live process is its training model's recorded job
+                with runner.db.transaction() as session:
+                    assert runner._latest_job(session, model_id).external_id == str(pid)
+            training = [m for m, s in status.items() if s == "InProgress"]
+            for model_id in training:
+                assert api.post(f"/models/{model_id}/stop_training").status_code == 200
+            for model_id in training:
+                assert wait_for_status(api, model_id, FINAL, timeout=60)["status"] == "Stopped"
+        assert live_job_processes(data_dir) == {}
+        assert not [p for p in data_dir.rglob(".*") if ".tmp-" in p.name or p.name.startswith(".upload-")]
+    finally:
+        _kill_leftovers(data_dir)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
