@@ -120,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--launcher", choices=("local", "slurm"), default="local")
     serve.add_argument("--slurm-template", help="sbatch template (default: the packaged train.sbatch)")
     serve.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) per training job")
-    serve.add_argument("--gpus", help="GPU ids the local launcher hands out, comma-separated, --num-processes to a job; "
-                                      "jobs queue while none is free (default: CUDA_VISIBLE_DEVICES, else every GPU)")
+    serve.add_argument("--gpus", help="GPU ids the local launcher hands out, comma-separated, --num-processes to a "
+                                      "job; jobs queue while none is free (default: CUDA_VISIBLE_DEVICES, else "
+                                      "every GPU)")
     serve.add_argument("--lost-jobs", choices=("resume", "fail"), default="resume",
                        help="a job found gone without a result (e.g. after a restart): resume it or mark it Failed")
     serve.add_argument("--rate-limit", type=int, default=600, help="requests per minute per token")

@@ -85,6 +85,17 @@ def test_gpu_slices_are_disjoint_and_handed_out_first_free_first():
         DeviceSlices(["0"], 2)
 
 
+def test_a_multi_process_job_gets_its_own_rendezvous_port(tmp_path):
+    from accelerate.commands.launch import launch_command_parser
+
+    from tailoredgen_train.start import SubprocessLauncher
+
+    command = SubprocessLauncher(num_processes=2).command(tmp_path / "job.json", main_process_port=29555)
+    parsed = launch_command_parser().parse_args(command[3:])  # what `accelerate launch` makes of it
+    assert parsed.main_process_port == 29555 and parsed.num_processes == 2 and parsed.module
+    assert parsed.training_script_args == ["run-job", str(tmp_path / "job.json")]
+
+
 def test_the_visible_gpus_come_from_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5,GPU-ab12")
     assert visible_gpus() == ["2", "5", "GPU-ab12"]

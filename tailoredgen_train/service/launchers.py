@@ -61,8 +61,8 @@ class DeviceSlices:
 
     def __init__(self, gpus: list[str], size: int):
         if size > len(gpus):
-            raise ConfigError(f"num_processes={size} needs {size} GPUs but the node has {len(gpus)} ({','.join(gpus)}); "
-                              "lower --num-processes or pass more with --gpus")
+            raise ConfigError(f"num_processes={size} needs {size} GPUs but the node has {len(gpus)} "
+                              f"({','.join(gpus)}); lower --num-processes or pass more with --gpus")
         self.slices = [gpus[i:i + size] for i in range(0, len(gpus) - size + 1, size)]
 
     def free(self, taken: Iterable[str]) -> list[str] | None:

@@ -125,8 +125,9 @@ class JobRunner:
         return (job, launch) if taken == 1 else self._take_next()  # a stop ended it meanwhile: the next one
 
     def _launch(self, job: TrainingJob, launch: Launch) -> None:
-        if self._status(job.model_id) == "Stopping":  # stopped while it waited: it never runs
+        if self._status(job.model_id) != "InProgress":  # stopped while it waited: it never runs
             self._settle(job.model_id, job, "Stopped")
+            self._end_job(job.id, "stopped")  # also when the model was settled already
             return
         spec = JobSpec.from_dict(json.loads((Path(job.run_dir) / "job.json").read_text()))
         try:
@@ -172,7 +173,7 @@ class JobRunner:
                 TrainingJob.model_id == model_id, TrainingJob.launch_token.is_(None), TrainingJob.ended_at.is_(None))
                 .values(ended_at=utcnow(), outcome="stopped")).rowcount
             if never_ran:  # in the same transaction: a queued job and its model end together
-                session.execute(update(Model).where(Model.id == model_id).values(status="Stopped"))
+                session.execute(update(Model).where(Model.id == model_id).values(status="Stopped", updated_at=utcnow()))
         if changed != 1:
             return False
         if never_ran:
@@ -252,7 +253,7 @@ class JobRunner:
         self._record_checkpoints(model_id, job)  # the last one may have landed just before the exit
         outcome = read_outcome(job.run_dir)
         state = outcome["status"] if outcome else None
-        if status == "Stopping" or state == "stopped":  # asked to stop (that wins), or stopped itself (stop_after_steps)
+        if status == "Stopping" or state == "stopped":  # a stop wins; or it stopped itself (stop_after_steps)
             self._settle(model_id, job, "Stopped")
         elif state == "completed":
             self._settle(model_id, job, "Completed", final_step=outcome.get("final_step"))
