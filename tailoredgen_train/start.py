@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -78,12 +79,16 @@ class SubprocessLauncher:
         return process
 
 
+JOB_FILE_STAGING = ".job.json.tmp-"
+"""+ HOST-PID: who was writing it, so that a restarted server removes only what a dead writer left"""
+
+
 def write_job_file(job: JobSpec) -> Path:
     """OUTPUT/job.json, what `run-job` runs, written whole or not at all (staged, fsynced, renamed)."""
     output = Path(job.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     target = output / "job.json"
-    staging = output / f".job.json.tmp-{os.getpid()}"
+    staging = output / f"{JOB_FILE_STAGING}{socket.gethostname()}-{os.getpid()}"
     with open(staging, "w") as handle:
         handle.write(json.dumps(job.to_dict(), indent=1))
         handle.flush()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -207,6 +208,11 @@ def test_a_server_that_dies_during_a_start_leaves_no_orphan(tmp_path, tiny_fibo_
                 models.start_model(dead, model_id, b"", caller)
             dead.db.dispose()
         orphans = live_job_processes(data_dir)  # the processes the dead servers left
+        dead_writer = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                     text=True, check=True).stdout.strip()  # one killed writing a job.json
+        torn = _run_dir(data_dir, model_of["after the claim"]) / f".job.json.tmp-{socket.gethostname()}-{dead_writer}"
+        torn.parent.mkdir(parents=True, exist_ok=True)
+        torn.write_text('{"base": ')
         assert set(orphans.values()) == {model_of["after its pid"], model_of["after the process, before its pid"]}
 
         with ThreadServer(settings, StandInBackend()) as restarted, client(restarted.url) as api:

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from sqlalchemy import func, select, update
 
 from ..engine.checkpoint import Checkpointer
@@ -32,7 +33,7 @@ from ..engine.preemption import request_stop as write_stop_file
 from ..errors import RateLimitedError, TrainingAlreadyStartedError
 from ..outcome import read_outcome
 from ..recipe import JobSpec
-from ..start import write_job_file
+from ..start import JOB_FILE_STAGING, write_job_file
 from .db import Checkpoint, Database, Model, TrainingJob, utcnow
 from .launchers import Backend, JobHandle, Launch
 from .settings import ServiceSettings
@@ -207,6 +208,8 @@ class JobRunner:
         """One pass over the active models. `startup`: no request can be between its claim and its
         launch, so a claimed model without a job is one an earlier server lost."""
         with self._poll_lock:
+            if startup:
+                self._remove_dead_job_file_staging()
             with self.db.transaction() as session:
                 models = session.execute(select(Model.id, Model.status, Model.stop_requested_at)
                                          .where(Model.status.in_(ACTIVE))).all()
@@ -224,6 +227,14 @@ class JobRunner:
                 else:
                     self._check(model.id, model.status, model.stop_requested_at, job)
             self.launch_queued()  # the slices the settled jobs freed
+
+    def _remove_dead_job_file_staging(self) -> None:
+        """The half-written job.json a server of this host left when it was killed writing one."""
+        prefix = f"{JOB_FILE_STAGING}{self.host}-"
+        for path in (self.settings.data_dir / "runs").glob(f"model-*/{prefix}*"):
+            pid = path.name[len(prefix):]
+            if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+                path.unlink(missing_ok=True)
 
     def _adopt_or_lose(self, model_id: int, status: str, stop_requested_at: float | None, job: TrainingJob) -> None:
         """A job whose launch an earlier server began but never recorded: its process, found by the
@@ -328,4 +339,3 @@ class JobRunner:
 
 def _handle(job: TrainingJob) -> JobHandle:
     return JobHandle(job.launcher, job.external_id or "", job.host, job.process_started)
-
