@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) per training job; per node "
                        "with --launcher slurm")
     serve.add_argument("--slurm-nodes", type=int, default=1, help="nodes per training job with --launcher slurm")
+    serve.add_argument("--gpus", help="GPU ids the local launcher hands out, comma-separated, --num-processes to a "
+                                      "job; jobs queue while none is free (default: CUDA_VISIBLE_DEVICES, else "
+                                      "every GPU)")
     serve.add_argument("--lost-jobs", choices=("resume", "fail"), default="resume",
                        help="a job found gone without a result (e.g. after a restart): resume it or mark it Failed")
     serve.add_argument("--keep-finished-runs", action="store_true",
@@ -270,6 +273,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         slurm_nodes=args.slurm_nodes,
         num_processes=args.num_processes, lost_jobs=args.lost_jobs, rate_limit_per_minute=args.rate_limit,
         prune_finished_runs=not args.keep_finished_runs,
+        gpus=None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()],
         max_concurrent_trainings=args.max_concurrent_trainings, poll_interval_s=args.poll_interval,
         public_url=args.public_url, generation_resolution=parse_resolutions(args.generation_resolution),
         vlm=args.vlm, vlm_string_tokens=args.vlm_string_tokens, vlm_max_pixels=args.vlm_max_pixels,

@@ -29,9 +29,9 @@ from .data import BucketBatchSampler, nearest_bucket, scale_buckets, validate_da
 from .engine.cache import CacheItem, CachedFeatures, FeatureCache, TextFeatures, choose_text_features, entries_of, \
     fill_cache
 from .engine.checkpoint import Checkpointer, Storage
-from .engine.checkpoint_manager import CheckpointManager
+from .engine.checkpoint_manager import CheckpointManager, any_process
 from .engine.output_lock import lock_output
-from .engine.preemption import StopFlag
+from .engine.preemption import STOP_FILE, StopFlag
 from .engine.run_log import run_log
 from .engine.lora import add_lora, lora_signature, set_lora_input_casting, trainable_parameters
 from .engine.schedule import build_lr_scheduler
@@ -362,12 +362,13 @@ class RunOutcome:
 
 def run_training(job: JobSpec, *, storage: Storage | None = None, output_is_ours: bool = False) -> TrainingResult:
     """Run one job to its last step. SIGTERM/SIGINT stop it at a step boundary (Preempted, after
-    saving resume state); `storage` is the checkpoint file-system seam (tests inject faults).
+    saving resume state), and so does OUTPUT/stop-requested, checked at start-up, after loading and
+    at each step boundary; `storage` is the checkpoint file-system seam (tests inject faults).
     OUTPUT/result.json says how it ended, from the moment the folder is the run's (see RunOutcome;
     `output_is_ours`: the caller made the folder for this job, as the service does). A process
     that is killed writes nothing: no file means the run was lost, not that it failed. One job
     per folder: the main process holds OUTPUT/train.lock for the run's life (OutputInUseError)."""
-    stop_flag = StopFlag().install()
+    stop_flag = StopFlag(Path(job.output_dir) / STOP_FILE).install()
     outcome = RunOutcome(Path(job.output_dir), owned=output_is_ours)
     try:
         with ExitStack() as scope:
@@ -384,6 +385,7 @@ def run_training(job: JobSpec, *, storage: Storage | None = None, output_is_ours
 
 def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: ExitStack,
          outcome: RunOutcome) -> TrainingResult:
+    _stop_if_requested(stop_flag, None, "before it started")
     config, params = job.engine, job.params
     version_map = load_version_map(job.version_map)
     family = family_for_config(job.training_version, config, version_map)
@@ -422,7 +424,9 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: Exit
     # the LoRA init is the only draw from the global generators; the same seed gives the same run
     set_seed(config.run.seed)
     model = family.load(job.base, device=accelerator.device, weight_dtype=weight_dtype_for(accelerator))
+    _stop_if_requested(stop_flag, accelerator, "after loading the base model")
     setup = prepare_training(job, family, model, samples, accelerator, checkpointer, stop_flag, validation)
+    _stop_if_requested(stop_flag, accelerator, "after caching the dataset")
     trainer = setup.trainer
     if main:  # OUTPUT/metrics.jsonl, and report.html rebuilt at each checkpoint
         trainer.record_steps = scope.enter_context(closing(MetricsLog(output_dir))).extend
@@ -456,6 +460,17 @@ def _run(job: JobSpec, storage: Storage | None, stop_flag: StopFlag, scope: Exit
         log.info(_finish_summary(checkpoints, trainer.progress.step, params.total_training_steps))
     return TrainingResult(output_dir=output_dir, checkpoints=checkpoints, history=history,
                           final_step=trainer.progress.step, denoiser=trained)
+
+
+def _stop_if_requested(stop_flag: StopFlag, accelerator: Accelerator | None, when: str) -> None:
+    """A stop that came before the loop (the stop file, a signal while loading) ends the run now, not
+    after the next expensive phase; with an accelerator every process takes the same branch."""
+    requested = stop_flag.requested is not None
+    if accelerator is not None:
+        requested = any_process(accelerator, requested)
+    if requested:
+        raise Preempted(f"stopped {when}: a stop was requested (a signal, or the file {stop_flag.stop_file}; "
+                        "delete that file to run the job again)", stop_flag.requested or 15)
 
 
 def _shut_down(accelerator: Accelerator, trainer: Trainer, *, every_process_agrees: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -55,25 +56,45 @@ class SubprocessLauncher:
     env: dict[str, str] | None = None
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def command(self, job_file: Path) -> list[str]:
+    def command(self, job_file: Path, main_process_port: int | None = None) -> list[str]:
         if self.num_processes > 1:
             # --multi_gpu also starts a gloo group on CPU-only machines (--cpu would start one process)
+            port = ["--main_process_port", str(main_process_port)] if main_process_port else []
             return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                    "--num_processes", str(self.num_processes), "-m", "tailoredgen_train", "run-job", str(job_file)]
+                    "--num_processes", str(self.num_processes), *port, "-m", "tailoredgen_train", "run-job",
+                    str(job_file)]
         return [sys.executable, "-m", "tailoredgen_train", "run-job", str(job_file)]
 
-    def launch(self, job: JobSpec) -> subprocess.Popen:
+    def launch(self, job: JobSpec, env: dict[str, str] | None = None,
+               main_process_port: int | None = None) -> subprocess.Popen:
+        """`env` is added to this launcher's own; `main_process_port`: accelerate's rendezvous port."""
         output = Path(job.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        job_file = output / "job.json"
-        job_file.write_text(json.dumps(job.to_dict(), indent=1))
+        job_file = write_job_file(job)
         with open(output / "train.log", "ab") as log_file:
             process = subprocess.Popen(
-                self.command(job_file), stdout=log_file, stderr=subprocess.STDOUT,
-                env={**os.environ, **(self.env or {})}, start_new_session=True,
+                self.command(job_file, main_process_port), stdout=log_file, stderr=subprocess.STDOUT,
+                env={**os.environ, **(self.env or {}), **(env or {})}, start_new_session=True,
             )
         self.processes.append(process)
         return process
+
+
+JOB_FILE_STAGING = ".job.json.tmp-"
+"""+ HOST-PID: who was writing it, so that a restarted server removes only what a dead writer left"""
+
+
+def write_job_file(job: JobSpec) -> Path:
+    """OUTPUT/job.json, what `run-job` runs, written whole or not at all (staged, fsynced, renamed)."""
+    output = Path(job.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / "job.json"
+    staging = output / f"{JOB_FILE_STAGING}{socket.gethostname()}-{os.getpid()}"
+    with open(staging, "w") as handle:
+        handle.write(json.dumps(job.to_dict(), indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, target)
+    return target
 
 
 def start_training(

@@ -66,7 +66,7 @@ class SleepingBackend(LocalBackend):
 
     def __init__(self):
         super().__init__()
-        self._launcher.command = lambda job_file: [sys.executable, "-c", "import time; time.sleep(600)"]
+        self._launcher.command = lambda job_file, port=None: [sys.executable, "-c", "import time; time.sleep(600)"]
 
     def kill_all(self) -> None:
         """Kill the sleeping stand-ins still running (a test's server is gone; nothing else will)."""
@@ -74,6 +74,40 @@ class SleepingBackend(LocalBackend):
             if process.poll() is None:
                 os.killpg(pid, signal.SIGKILL)
                 process.wait()
+
+
+STANDIN_JOB = Path(__file__).resolve().parent / "standin_job.py"
+
+
+class StandInBackend(SleepingBackend):
+    """The real local backend running tests/standin_job.py: a process that follows the job's stop
+    protocol (stop file, SIGTERM, result.json) and records its environment, in a fraction of a second."""
+
+    def __init__(self, steps: int = 600, step_seconds: float = 0.05, num_processes: int = 1,
+                 gpus: list[str] | None = None):
+        LocalBackend.__init__(self, num_processes=num_processes, gpus=gpus)
+        self._launcher.command = lambda job_file, port=None: [
+            sys.executable, str(STANDIN_JOB), str(job_file), str(steps), str(step_seconds),
+            *(["--port", str(port)] if port else [])]
+
+
+def live_job_processes(data_dir: Path) -> dict[int, int]:
+    """pid -> model id of the job processes still running (found by the launch tokens the database holds)."""
+    import sqlite3
+
+    import psutil
+
+    with sqlite3.connect(data_dir / "tailoredgen.sqlite3") as db:
+        tokens = dict(db.execute("SELECT launch_token, model_id FROM training_jobs WHERE launch_token IS NOT NULL"))
+    live = {}
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            token = process.environ().get("TAILOREDGEN_LAUNCH_TOKEN")
+            if token in tokens and process.info["status"] != psutil.STATUS_ZOMBIE:
+                live[process.pid] = tokens[token]
+        except psutil.Error:
+            continue
+    return live
 
 
 @contextmanager

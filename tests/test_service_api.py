@@ -471,7 +471,7 @@ def test_a_download_link_needs_its_signature(server, api, dataset_id):
 # ---- 500 and docs ------------------------------------------------------------------------------
 
 def test_an_internal_failure_is_500_with_a_request_id_and_no_internals(server, dataset_id, caplog, monkeypatch):
-    def explode(job):
+    def explode(job, launch):
         raise RuntimeError("secret-internal-detail /srv/private/path")
     monkeypatch.setattr(server.service.runner.backend, "submit", explode)
     caplog.set_level("INFO")

@@ -20,7 +20,7 @@ from .auth import RateLimiter, TokenAuth, UrlSigner
 from .captioning import CaptioningWorker, VlmPromptExpander
 from .db import Database
 from .generation import GenerationWorker, PromptExpander
-from .launchers import Backend, LocalBackend, SlurmBackend
+from .launchers import Backend, LocalBackend, SlurmBackend, visible_gpus
 from .runner import JobRunner
 from .settings import ServiceSettings
 
@@ -82,9 +82,11 @@ class Service:
         """(path, (device, inode)) of the data directory and the SQLite file, as they were at start-up"""
         self.decoder = DecodeQueue(settings.max_concurrent_decodes)
         """decodes uploaded images, a few at a time (serve --max-concurrent-decodes)"""
-        if backend is None:
-            backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
-                       else SlurmBackend(settings.slurm_template, settings.num_processes, settings.slurm_nodes))
+        if backend is None and settings.launcher == "local":
+            gpus = visible_gpus() if settings.gpus is None else settings.gpus
+            backend = LocalBackend(settings.num_processes, gpus=gpus)
+        elif backend is None:
+            backend = SlurmBackend(settings.slurm_template, settings.num_processes, settings.slurm_nodes)
         self.runner = JobRunner(self.db, backend, settings)
         self.auth = TokenAuth(settings.tokens, settings.organizations)
         self.limiter = RateLimiter(settings.rate_limit_per_minute)

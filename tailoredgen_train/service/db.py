@@ -151,6 +151,11 @@ class TrainingJob(Base):
     """the local process id or the Slurm job id"""
     process_started: Mapped[float | None] = mapped_column(Float, nullable=True)
     """the local process's start time: a pid reused by another process does not match"""
+    launch_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """committed before the process is started, which carries it in its environment: a server that
+    died before it recorded external_id finds the process by it. None: the job waits in the queue"""
+    devices: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    """the GPUs the job was given (its CUDA_VISIBLE_DEVICES, comma-separated); None: not handed out"""
     started_at: Mapped[str] = mapped_column(String(32), default=utcnow)
     ended_at: Mapped[str | None] = mapped_column(String(32), nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)

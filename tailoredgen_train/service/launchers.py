@@ -2,7 +2,9 @@
 
 A backend submits a JobSpec and later answers "is it still running?", stops it (SIGTERM: the engine
 saves and exits at the next step boundary) or kills it. A JobHandle is what the database keeps, so
-a restarted server can ask the same questions about jobs an earlier server started.
+a restarted server can ask the same questions about jobs an earlier server started. A Launch is
+what the runner decided before the launch: the token the process carries in its environment (a
+server that died before it recorded the pid finds the process by it) and the GPUs it may use.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import psutil
 
-from ..errors import TailoredGenError
+from ..errors import ConfigError, TailoredGenError
 from ..outcome import clear_outcome
 from ..recipe import JobSpec
 from ..start import SubprocessLauncher
 
 DEFAULT_SLURM_TEMPLATE = Path(__file__).resolve().parent / "templates" / "train.sbatch"
+LAUNCH_TOKEN_ENV = "TAILOREDGEN_LAUNCH_TOKEN"
+"""the environment variable that names a job's process: the token its TrainingJob row recorded before launch"""
 _SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                  "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "REQUEUE_HOLD", "REQUEUE_FED"}
 
@@ -44,10 +48,53 @@ class JobHandle:
     process_started: float | None = None
 
 
+@dataclass
+class Launch:
+    token: str
+    devices: list[str] = field(default_factory=list)
+    """the CUDA_VISIBLE_DEVICES of the job; empty: the backend does not hand out GPUs"""
+
+
+class DeviceSlices:
+    """A node's GPUs cut into fixed slices of `size` (a job's processes): a job gets a slice no
+    running job holds, or waits."""
+
+    def __init__(self, gpus: list[str], size: int):
+        if size > len(gpus):
+            raise ConfigError(f"num_processes={size} needs {size} GPUs but the node has {len(gpus)} "
+                              f"({','.join(gpus)}); lower --num-processes or pass more with --gpus")
+        self.slices = [gpus[i:i + size] for i in range(0, len(gpus) - size + 1, size)]
+
+    def free(self, taken: Iterable[str]) -> list[str] | None:
+        """The first slice none of whose GPUs is `taken`; None when every slice is in use."""
+        busy = set(taken)
+        return next((s for s in self.slices if busy.isdisjoint(s)), None)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else every CUDA device (none on CPU)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and not g.strip().startswith("-")]
+    import torch  # here: the CLI imports this module, torch stays lazy
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now: the rendezvous port of one multi-process job."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class Backend(Protocol):
     name: str
+    slices: DeviceSlices | None
+    """the GPUs it hands out, slice by slice; None: jobs start at once, wherever the backend puts them"""
 
-    def submit(self, job: JobSpec) -> JobHandle: ...
+    def submit(self, job: JobSpec, launch: Launch) -> JobHandle: ...
+    def find(self, token: str) -> JobHandle | None: ...
     def is_running(self, handle: JobHandle) -> bool: ...
     def stop(self, handle: JobHandle) -> None: ...
     def kill(self, handle: JobHandle) -> None: ...
@@ -55,24 +102,43 @@ class Backend(Protocol):
 
 class LocalBackend:
     """`python -m tailoredgen_train run-job` in its own session (it outlives a server restart);
-    `accelerate launch --multi_gpu` when num_processes > 1."""
+    `accelerate launch --multi_gpu` on a free port when num_processes > 1. With `gpus`, each job
+    gets a slice of num_processes of them as its CUDA_VISIBLE_DEVICES."""
 
     name = "local"
 
-    def __init__(self, num_processes: int = 1, env: dict[str, str] | None = None):
+    def __init__(self, num_processes: int = 1, env: dict[str, str] | None = None, gpus: list[str] | None = None):
         self._launcher = SubprocessLauncher(num_processes=num_processes, env=env)
         self._children: dict[int, subprocess.Popen] = {}  # this server's own children, to reap them
+        self.slices = DeviceSlices(gpus, num_processes) if gpus else None
 
-    def submit(self, job: JobSpec) -> JobHandle:
+    def submit(self, job: JobSpec, launch: Launch) -> JobHandle:
         clear_outcome(job.output_dir)
+        env = {LAUNCH_TOKEN_ENV: launch.token}
+        if launch.devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(launch.devices)
+        port = free_port() if self._launcher.num_processes > 1 else None
         try:
-            process = self._launcher.launch(job)
+            process = self._launcher.launch(job, env=env, main_process_port=port)
         except OSError as exc:
             raise LaunchError(f"could not start the training process: {exc}") from exc
         self._children[process.pid] = process
         return JobHandle(self.name, str(process.pid), socket.gethostname(), _start_time(process.pid))
 
+    def find(self, token: str) -> JobHandle | None:
+        """The live process launched with `token` (the leader of its session), or None."""
+        for process in psutil.process_iter(["pid", "create_time", "status"]):
+            try:
+                if (process.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(process.pid) == process.pid
+                        and process.environ().get(LAUNCH_TOKEN_ENV) == token):
+                    return JobHandle(self.name, str(process.pid), socket.gethostname(), process.info["create_time"])
+            except (psutil.Error, OSError):
+                continue  # gone meanwhile, or another user's process
+        return None
+
     def is_running(self, handle: JobHandle) -> bool:
+        if not handle.external_id:
+            return False
         pid = int(handle.external_id)
         child = self._children.get(pid)
         if child is not None:
@@ -117,6 +183,7 @@ class SlurmBackend:
     interpreter on the compute nodes (this server's by default)."""
 
     name = "slurm"
+    slices = None  # Slurm places the job
 
     def __init__(self, template: str | Path | None = None, num_processes: int = 1, num_nodes: int = 1,
                  python: str = sys.executable):
@@ -140,7 +207,7 @@ class SlurmBackend:
             job_file=shlex.quote(str(job_file)), command=shlex.join(command),
         )
 
-    def submit(self, job: JobSpec) -> JobHandle:
+    def submit(self, job: JobSpec, launch: Launch | None = None) -> JobHandle:
         output = Path(job.output_dir)
         output.mkdir(parents=True, exist_ok=True)
         clear_outcome(output)
@@ -153,6 +220,9 @@ class SlurmBackend:
             raise LaunchError(f"sbatch refused the job: {result.stderr.strip() or result.stdout.strip()}")
         job_id = result.stdout.strip().split(";")[0]  # --parsable prints "jobid" or "jobid;cluster"
         return JobHandle(self.name, job_id, socket.gethostname())
+
+    def find(self, token: str) -> JobHandle | None:
+        return None  # a job sbatch accepted but the server never recorded is not found (yet)
 
     def is_running(self, handle: JobHandle) -> bool:
         result = _slurm(["squeue", "--noheader", "--jobs", handle.external_id, "--format", "%T"])

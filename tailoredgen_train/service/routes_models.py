@@ -21,7 +21,8 @@ from .models import MAX_LOG_LINES, checkpoint_or_404, expert_model
 from .runner import ACTIVE
 from .schemas import (ERROR_RESPONSES, MAX_ID, CheckpointDetailOut, CheckpointListOut, DownloadOut, LogOut,
                       ModelCreate, ModelOut, ModelUpdate, StartTrainingRequest, UploadModelRequest)
-from .views import checkpoint_samples, checkpoint_steps, checkpoint_view, model_view, progress_view
+from .views import (checkpoint_samples, checkpoint_steps, checkpoint_view, model_view, progress_view,
+                    queued_progress_view)
 
 router = APIRouter(tags=["models and training"], responses=ERROR_RESPONSES)
 ModelId = Annotated[int, PathParam(ge=1, le=MAX_ID, examples=[1])]
@@ -50,12 +51,15 @@ def list_models(request: Request, include_training_parameters: bool = False) -> 
 
 @router.get("/models/{model_id}", response_model=ModelOut, response_model_exclude_unset=True)
 def get_model(model_id: ModelId, request: Request) -> dict:
-    """The Model, plus `training_progress` (step, loss, pace, ETA) once its training has recorded a step."""
+    """The Model, plus `training_progress` (step, loss, pace, ETA) once its training has recorded a step,
+    or its place in the queue while its job waits for a free GPU slice."""
     service = service_of(request)
     with service.db.read() as session:
         model = model_or_404(session, model_id, caller_of(request))
         body = model_view(session, model)
-    progress = progress_view(service.runner.run_dir(model_id), model.status)
+    position = service.runner.queue_position(model_id) if model.status == "InProgress" else None
+    progress = (queued_progress_view(position, model.training_parameters.get("total_training_steps")) if position
+                else progress_view(service.runner.run_dir(model_id), model.status))
     if progress is not None:
         body["training_progress"] = progress
     return body

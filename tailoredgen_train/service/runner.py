@@ -6,26 +6,37 @@ file (Completed, Failed with the engine's code, Stopped). A job that vanished wi
 (the server or the node died) is relaunched from its last checkpoint or marked Failed, as
 `lost_jobs` says. The same pass runs at start-up before the server accepts requests: that is the
 restart reconciliation.
+
+A job is a TrainingJob row before it is a process: queued (no launch_token) until the backend has a
+free GPU slice for it, then given a launch token that is committed before the process starts and
+that the process carries in its environment. So a server killed during a launch leaves a row by
+which its successor finds the process (and adopts it) or knows that none was started. A stop is
+durable too: the model row says Stopping and the run folder gets the stop file before anyone looks
+for the process, so whichever comes first, the process or the stop, the job ends Stopped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
 from pathlib import Path
 
+import psutil
 from sqlalchemy import func, select, update
 
 from ..engine.checkpoint import Checkpointer
+from ..engine.preemption import request_stop as write_stop_file
 from ..errors import RateLimitedError, TrainingAlreadyStartedError
 from ..outcome import read_outcome
 from ..recipe import JobSpec
+from ..start import JOB_FILE_STAGING, write_job_file
 from .cleanup import prune_finished_run
 from .db import Checkpoint, Database, Dataset, Model, TrainingJob, utcnow
-from .launchers import Backend, JobHandle
+from .launchers import Backend, JobHandle, Launch
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,7 @@ class JobRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
+        self._launch_lock = threading.Lock()  # one launcher at a time hands out GPU slices
 
     def run_dir(self, model_id: int) -> Path:
         return self.settings.data_dir / "runs" / f"model-{model_id}"
@@ -72,31 +84,108 @@ class JobRunner:
                     f"{self.settings.max_concurrent_trainings}. Stop one or wait for one to finish.", retry_after_s=60)
 
     def submit(self, model_id: int, job: JobSpec) -> None:
-        """Launch an already-claimed model's job; a launch that fails marks the model Failed."""
+        """Queue an already-claimed model's job, then launch what the free GPU slices allow; a launch
+        that fails marks its model Failed (and raises, for this model's request)."""
+        write_job_file(job)  # what the queued job is started from
         with self.db.transaction() as session:
             attempt = (session.scalar(select(func.max(TrainingJob.attempt)).where(TrainingJob.model_id == model_id))
                        or 0) + 1
+            session.add(TrainingJob(model_id=model_id, attempt=attempt, run_dir=str(job.output_dir),
+                                    launcher=self.backend.name, host=self.host))
+        self.launch_queued(raise_for=model_id)
+
+    def launch_queued(self, raise_for: int | None = None) -> None:
+        """Start this host's queued jobs, oldest first, while the backend has a free GPU slice."""
+        with self._launch_lock:
+            while (next_job := self._take_next()) is not None:
+                try:
+                    self._launch(*next_job)
+                except Exception:
+                    if next_job[0].model_id == raise_for:
+                        raise
+                    log.exception("model %s: launch failed", next_job[0].model_id)
+
+    def _take_next(self) -> tuple[TrainingJob, Launch] | None:
+        """The oldest queued job of this host with its launch token and GPUs, committed before any
+        process exists; None when no job waits or no slice is free."""
+        with self.db.transaction() as session:
+            job = session.scalar(select(TrainingJob).where(
+                TrainingJob.host == self.host, TrainingJob.launch_token.is_(None), TrainingJob.ended_at.is_(None))
+                .order_by(TrainingJob.id).limit(1))
+            if job is None:
+                return None
+            devices = []
+            if self.backend.slices is not None:
+                held = session.scalars(select(TrainingJob.devices).join(Model, Model.id == TrainingJob.model_id).where(
+                    TrainingJob.host == self.host, TrainingJob.ended_at.is_(None), TrainingJob.devices.is_not(None),
+                    Model.status.in_(ACTIVE)))
+                devices = self.backend.slices.free(gpu for row in held for gpu in row.split(","))
+                if devices is None:
+                    return None
+            launch = Launch(secrets.token_hex(16), devices)
+            taken = session.execute(update(TrainingJob).where(
+                TrainingJob.id == job.id, TrainingJob.launch_token.is_(None), TrainingJob.ended_at.is_(None))
+                .values(launch_token=launch.token, devices=",".join(devices) or None)).rowcount
+        return (job, launch) if taken == 1 else self._take_next()  # a stop ended it meanwhile: the next one
+
+    def _launch(self, job: TrainingJob, launch: Launch) -> None:
+        if self._status(job.model_id) != "InProgress":  # stopped while it waited: it never runs
+            self._settle(job.model_id, job, "Stopped")
+            self._end_job(job.id, "stopped")  # also when the model was settled already
+            return
+        spec = JobSpec.from_dict(json.loads((Path(job.run_dir) / "job.json").read_text()))
         try:
-            handle = self.backend.submit(job)
+            handle = self.backend.submit(spec, launch)
         except Exception as exc:
-            self._settle(model_id, None, "Failed", code="launch_failed",
+            self._settle(job.model_id, job, "Failed", code="launch_failed",
                          message=f"the job could not be launched: {exc}")
             raise
+        self._record_handle(job.id, handle)
+        log.info("model %s: launched attempt %s (%s %s%s)", job.model_id, job.attempt, handle.launcher,
+                 handle.external_id, f", GPUs {','.join(launch.devices)}" if launch.devices else "")
+        if self._status(job.model_id) == "Stopping":  # the stop came during the launch and found no process
+            self.backend.stop(handle)
+
+    def _record_handle(self, job_id: int, handle: JobHandle) -> None:
         with self.db.transaction() as session:
-            session.add(TrainingJob(model_id=model_id, attempt=attempt, run_dir=str(job.output_dir),
-                                    launcher=handle.launcher, host=handle.host, external_id=handle.external_id,
-                                    process_started=handle.process_started))
-        log.info("model %s: launched attempt %s (%s %s)", model_id, attempt, handle.launcher, handle.external_id)
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(
+                external_id=handle.external_id, process_started=handle.process_started))
+
+    def _status(self, model_id: int) -> str | None:
+        with self.db.transaction() as session:
+            return session.scalar(select(Model.status).where(Model.id == model_id))
+
+    def queue_position(self, model_id: int) -> int | None:
+        """1 when the model's job is the next its host starts; None when it is not waiting."""
+        with self.db.transaction() as session:
+            queued = session.execute(select(TrainingJob.model_id, TrainingJob.host).where(
+                TrainingJob.launch_token.is_(None), TrainingJob.ended_at.is_(None)).order_by(TrainingJob.id)).all()
+        hosts = {m: h for m, h in queued}
+        if model_id not in hosts:
+            return None
+        ahead = [m for m, h in queued if h == hosts[model_id]]
+        return ahead.index(model_id) + 1
 
     def request_stop(self, model_id: int) -> bool:
-        """InProgress -> Stopping and SIGTERM to the job; False when the model was not training."""
+        """InProgress -> Stopping, durably: a queued job is ended before it ever runs; a launched one
+        finds the stop file whenever it looks (start-up, after loading, each step) and gets SIGTERM
+        once its process is known (here, or by _launch). False when the model was not training."""
         with self.db.transaction() as session:
             changed = session.execute(update(Model).where(Model.id == model_id, Model.status == "InProgress").values(
                 status="Stopping", stop_requested_at=time.time(), updated_at=utcnow())).rowcount
-            job = self._latest_job(session, model_id)
+            never_ran = changed and session.execute(update(TrainingJob).where(
+                TrainingJob.model_id == model_id, TrainingJob.launch_token.is_(None), TrainingJob.ended_at.is_(None))
+                .values(ended_at=utcnow(), outcome="stopped")).rowcount
+            if never_ran:  # in the same transaction: a queued job and its model end together
+                session.execute(update(Model).where(Model.id == model_id).values(status="Stopped", updated_at=utcnow()))
         if changed != 1:
             return False
-        if job is not None and self._owns(job):
+        if never_ran:
+            return True
+        write_stop_file(self.run_dir(model_id))  # before looking for the process: see _launch
+        with self.db.transaction() as session:
+            job = self._latest_job(session, model_id)
+        if job is not None and job.external_id and self._owns(job):
             self.backend.stop(_handle(job))
         return True
 
@@ -122,6 +211,8 @@ class JobRunner:
         """One pass over the active models. `startup`: no request can be between its claim and its
         launch, so a claimed model without a job is one an earlier server lost."""
         with self._poll_lock:
+            if startup:
+                self._remove_dead_job_file_staging()
             with self.db.transaction() as session:
                 models = session.execute(select(Model.id, Model.status, Model.stop_requested_at)
                                          .where(Model.status.in_(ACTIVE))).all()
@@ -129,10 +220,40 @@ class JobRunner:
             for model in models:
                 job = jobs[model.id]
                 if job is None:
-                    if startup:  # claimed, and the server died before it launched the job
+                    if startup:  # claimed, and the server died before it queued the job: no process exists
                         self._lost(model.id, model.status, None)
-                elif self._owns(job):
+                elif job.launch_token is None or not self._owns(job):
+                    continue  # queued (launch_queued starts it), or another host's process
+                elif not job.external_id:
+                    if startup:  # the server died during the launch; else this server is launching it now
+                        self._adopt_or_lose(model.id, model.status, model.stop_requested_at, job)
+                else:
                     self._check(model.id, model.status, model.stop_requested_at, job)
+            self.launch_queued()  # the slices the settled jobs freed
+
+    def _remove_dead_job_file_staging(self) -> None:
+        """The half-written job.json a server of this host left when it was killed writing one."""
+        prefix = f"{JOB_FILE_STAGING}{self.host}-"
+        for path in (self.settings.data_dir / "runs").glob(f"model-*/{prefix}*"):
+            pid = path.name[len(prefix):]
+            if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+                path.unlink(missing_ok=True)
+
+    def _adopt_or_lose(self, model_id: int, status: str, stop_requested_at: float | None, job: TrainingJob) -> None:
+        """A job whose launch an earlier server began but never recorded: its process, found by the
+        launch token, is adopted (and stopped, if a stop was accepted); no process means none started."""
+        handle = self.backend.find(job.launch_token)
+        if handle is None:
+            self._lost(model_id, status, job)
+            return
+        self._record_handle(job.id, handle)
+        job.external_id, job.process_started = handle.external_id, handle.process_started
+        log.warning("model %s: adopted process %s, launched by an earlier server that did not record it",
+                    model_id, handle.external_id)
+        if status == "Stopping":
+            write_stop_file(job.run_dir)
+            self.backend.stop(handle)
+        self._check(model_id, status, stop_requested_at, job)
 
     def _check(self, model_id: int, status: str, stop_requested_at: float | None, job: TrainingJob) -> None:
         self._record_checkpoints(model_id, job)
@@ -146,10 +267,10 @@ class JobRunner:
         self._record_checkpoints(model_id, job)  # the last one may have landed just before the exit
         outcome = read_outcome(job.run_dir)
         state = outcome["status"] if outcome else None
-        if state == "completed":
-            self._settle(model_id, job, "Completed", final_step=outcome.get("final_step"))
-        elif status == "Stopping" or state == "stopped":  # asked to stop, or stopped itself (stop_after_steps)
+        if status == "Stopping" or state == "stopped":  # a stop wins; or it stopped itself (stop_after_steps)
             self._settle(model_id, job, "Stopped")
+        elif state == "completed":
+            self._settle(model_id, job, "Completed", final_step=outcome.get("final_step"))
         elif state == "failed":
             self._settle(model_id, job, "Failed", code=outcome.get("code"), message=outcome.get("message"))
         else:  # killed, or preempted by someone else (Slurm, the node): the run itself is resumable
@@ -181,6 +302,8 @@ class JobRunner:
             model = session.get(Model, model_id)
             if model is None or model.status not in ACTIVE:
                 return
+            if model.status == "Stopping":  # a stop that was accepted wins over how the job ended
+                status, code, message = "Stopped", None, None
             model.status = status
             model.updated_at = utcnow()
             if status == "Completed" and model.training_mode == "expert" and final_step:
@@ -221,4 +344,3 @@ class JobRunner:
 
 def _handle(job: TrainingJob) -> JobHandle:
     return JobHandle(job.launcher, job.external_id or "", job.host, job.process_started)
-

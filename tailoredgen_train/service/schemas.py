@@ -337,6 +337,9 @@ class TrainingParametersOut(BaseModel):
 class TrainingProgressOut(BaseModel):
     """Where the training stands, from its metrics file (extension; not in Bria's Model)."""
 
+    phase: Literal["queued"] | None = Field(
+        default=None, description="queued: the job waits for a free GPU slice and starts in order")
+    queue_position: int | None = Field(default=None, description="queued: 1 for the next job to start")
     current_step: int = Field(description="the last optimizer step done")
     total_steps: int | None
     last_loss: float | None = Field(description="the last finite training loss")
@@ -365,7 +368,8 @@ class ModelOut(BaseModel):
     checkpoint_steps: list[str] | None = Field(default=None, description="newest first; expert models only")
     error: FailureOut | None = Field(default=None, description="Failed models: the engine's error code and message")
     training_progress: TrainingProgressOut | None = Field(
-        default=None, description="GET /models/{id} only, once training has recorded a step")
+        default=None, description="GET /models/{id} only, once training has recorded a step or while its job "
+                                  "is queued")
 
 
 class LogOut(BaseModel):

@@ -34,6 +34,9 @@ class ServiceSettings:
     num_processes: int = 1
     """processes (GPUs) per job for the local launcher (>1 runs `accelerate launch --multi_gpu`); per
     node for the Slurm launcher."""
+    gpus: list[str] | None = None
+    """the node's GPU ids the local launcher hands out, num_processes to a job (its
+    CUDA_VISIBLE_DEVICES); jobs wait while none is free. None: every visible GPU ([] on CPU: none)."""
     slurm_template: str | None = None
     """sbatch template; the packaged one (service/templates/train.sbatch) when None."""
     slurm_nodes: int = 1

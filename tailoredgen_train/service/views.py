@@ -127,6 +127,12 @@ def progress_view(run_dir: Path, status: str) -> dict[str, Any] | None:
             datetime.fromtimestamp(updated, timezone.utc).replace(tzinfo=None).isoformat()}
 
 
+def queued_progress_view(position: int, total_steps: int | None) -> dict[str, Any]:
+    """GET /models/{id}'s training_progress while its job waits for a free GPU slice."""
+    return {"phase": "queued", "queue_position": position, "current_step": 0, "total_steps": total_steps,
+            "last_loss": None, "step_seconds": None, "eta_seconds": None, "updated_at": None}
+
+
 def checkpoint_samples(checkpoint_dir: Path) -> list[dict[str, Any]]:
     """The validation images of a checkpoint, in order: {"file", "prompt", "seed"} from its
     samples/prompts.json (the PNGs themselves when that index is missing); files that are not
