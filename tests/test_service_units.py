@@ -13,6 +13,7 @@ from tailoredgen_train import cli
 from tailoredgen_train.errors import ConfigError, RateLimitedError, UnauthorizedError
 from tailoredgen_train.outcome import clear_outcome, read_outcome, write_outcome
 from tailoredgen_train.service.auth import RateLimiter, TokenAuth, UrlSigner, token_id
+from tailoredgen_train.service.db import Database
 from tailoredgen_train.service.settings import ServiceSettings, load_tokens, parse_assignments, parse_resolutions
 
 
@@ -24,21 +25,21 @@ class Clock:
         return self.now
 
 
-def test_rate_limiter_is_a_sliding_window_per_token():
-    clock = Clock()
-    limiter = RateLimiter(3, clock=clock)
+def test_rate_limiter_counts_each_minute_per_token(tmp_path):
+    clock = Clock(now=60 * 1000 + 10.0)
+    limiter = RateLimiter(Database(f"sqlite:///{tmp_path / 'db.sqlite3'}"), 3, clock=clock)
     for _ in range(3):
         limiter.check("a")
     with pytest.raises(RateLimitedError) as refused:
         limiter.check("a")
-    assert refused.value.retry_after_s == 60 and refused.value.http_status == 429
-    limiter.check("b")  # another token has its own window
+    assert refused.value.retry_after_s == 50 and refused.value.http_status == 429
+    limiter.check("b")  # another token has its own count
     clock.now += 30
     with pytest.raises(RateLimitedError) as later:
         limiter.check("a")
-    assert later.value.retry_after_s == 30
-    clock.now += 30.001
-    limiter.check("a")  # the first three requests have left the window
+    assert later.value.retry_after_s == 20
+    clock.now += 20
+    limiter.check("a")  # a new minute: the count starts again
 
 
 def test_token_auth_accepts_only_configured_tokens():

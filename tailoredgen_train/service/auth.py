@@ -1,15 +1,17 @@
-"""The api_token header (compared in constant time, never logged), request rates, signed URLs."""
+"""The api_token header (compared in constant time, never logged), request rates (counted in the
+database, so that replicas share them), signed URLs."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import math
-import threading
 import time
-from collections import deque
+
+from sqlalchemy import case
 
 from ..errors import RateLimitedError, UnauthorizedError
+from .db import Database, TokenLimit
 
 
 def token_id(token: str) -> str:
@@ -40,26 +42,29 @@ class TokenAuth:
 
 
 class RateLimiter:
-    """At most `per_minute` requests per token in any sliding 60-second window (per server process)."""
+    """At most `per_minute` requests per token in each minute of the clock (Unix time // 60), counted
+    by one atomic upsert in the database: exact across threads and replicas."""
 
-    def __init__(self, per_minute: int, clock=time.monotonic):
+    def __init__(self, db: Database, per_minute: int, clock=time.time):
+        self.db = db
         self.per_minute = per_minute
         self._clock = clock
-        self._seen: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
 
     def check(self, who: str) -> None:
         now = self._clock()
-        with self._lock:
-            window = self._seen.setdefault(who, deque())
-            while window and window[0] <= now - 60.0:
-                window.popleft()
-            if len(window) >= self.per_minute:
-                retry_after = max(1, math.ceil(window[0] + 60.0 - now))
-                raise RateLimitedError(
-                    f"Request limit exceeded: at most {self.per_minute} requests per minute per token. "
-                    f"Try again in {retry_after} s.", retry_after_s=retry_after)
-            window.append(now)
+        minute = int(now // 60)
+        count = (self.db.insert(TokenLimit).values(token=who, minute=minute, requests=1)
+                 .on_conflict_do_update(index_elements=[TokenLimit.token], set_={
+                     "requests": case((TokenLimit.minute == minute, TokenLimit.requests + 1), else_=1),
+                     "minute": minute})
+                 .returning(TokenLimit.requests))
+        with self.db.transaction() as session:
+            requests = session.scalar(count)
+        if requests > self.per_minute:
+            retry_after = max(1, math.ceil((minute + 1) * 60 - now))
+            raise RateLimitedError(
+                f"Request limit exceeded: at most {self.per_minute} requests per minute per token. "
+                f"Try again in {retry_after} s.", retry_after_s=retry_after)
 
 
 class UrlSigner:

@@ -33,13 +33,13 @@ class Service:
             check_config_family(config, family, source=f"--engine-config {family}={settings.engine_configs[family]}",
                                 wanted_by=f"it is given for family {family}")
         self._families = {f: family_class(f)(self.engine_config(f).model) for f in settings.bases}
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, migrate=settings.migrate)
         if backend is None:
             backend = (LocalBackend(settings.num_processes) if settings.launcher == "local"
                        else SlurmBackend(settings.slurm_template, settings.num_processes))
         self.runner = JobRunner(self.db, backend, settings)
         self.auth = TokenAuth(settings.tokens, settings.organizations)
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.limiter = RateLimiter(self.db, settings.rate_limit_per_minute)
         self.signer = UrlSigner(settings.resolved_url_secret())
         self.captioning = CaptioningWorker(self.db, settings, self.dataset_dir)
         """The captioning model (serve --vlm) behind automatic captions and the captioning endpoints."""
