@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
         print(json.dumps({"database": database, "clients": args.clients, "seconds": args.seconds,
                           "writes": args.writes, **result, "machine": machine,
+                          "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine
                           "postgres": "throwaway, default (durable) settings" if database == "postgresql"
                           and not args.postgres else None}), flush=True)
     return 0

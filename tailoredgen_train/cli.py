@@ -282,7 +282,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "validate-dataset": _cmd_validate, **generate_commands.COMMANDS,
-            "report": _cmd_report, "make-tiny-base": _cmd_tiny, "run-job": _cmd_run_job, "serve": _cmd_serve, "db": _cmd_db,
+            "report": _cmd_report, "make-tiny-base": _cmd_tiny, "run-job": _cmd_run_job, "serve": _cmd_serve,
+            "db": _cmd_db,
             **caption_commands.COMMANDS}
 
 

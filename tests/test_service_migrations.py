@@ -129,3 +129,11 @@ def test_a_newer_schema_and_an_unmigrated_one_under_no_migrate_are_refused(tmp_p
         db.execute("UPDATE alembic_version SET version_num = '0999'")
     with pytest.raises(ConfigError, match="at revision 0999, which this version of tailoredgen-train does not know"):
         Database(url)
+
+
+def test_an_unreachable_or_unsupported_database_is_refused_with_one_line():
+    with pytest.raises(ConfigError, match=r"cannot open the database postgresql\+psycopg://nobody@127.0.0.1:1/x: "
+                                          r"connection failed.*check --db"):
+        Database("postgresql://nobody@127.0.0.1:1/x")  # postgresql:// means psycopg 3
+    with pytest.raises(ConfigError, match=r"--db mysql://\.\.\.: use sqlite:///PATH or postgresql://"):
+        Database("mysql://user@host/db")

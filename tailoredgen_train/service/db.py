@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
                         event, inspect)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from ..errors import ConfigError
@@ -207,6 +208,11 @@ class Database:
             self.revisions = migrations.upgrade(self.engine) if migrate else migrations.check_current(self.engine)
             """(the schema's revision when opened, the revision now)"""
             self._check_columns()
+        except OperationalError as exc:  # unreachable server, wrong password, unknown database
+            self.engine.dispose()
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise ConfigError(f"cannot open the database {self.engine.url.render_as_string(hide_password=True)}: "
+                              f"{reason}; check --db (and that the database server is running)") from None
         except Exception:
             self.engine.dispose()
             raise
