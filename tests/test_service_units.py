@@ -25,21 +25,28 @@ class Clock:
         return self.now
 
 
-def test_rate_limiter_counts_each_minute_per_token(tmp_path):
-    clock = Clock(now=60 * 1000 + 10.0)
-    limiter = RateLimiter(Database(f"sqlite:///{tmp_path / 'db.sqlite3'}"), 3, clock=clock)
+def test_rate_limiter_allows_a_minute_s_burst_then_the_rate_per_token(tmp_path):
+    clock = Clock()
+    limiter = RateLimiter(Database(f"sqlite:///{tmp_path / 'db.sqlite3'}"), 3, clock=clock)  # one per 20 s
     for _ in range(3):
         limiter.check("a")
     with pytest.raises(RateLimitedError) as refused:
         limiter.check("a")
-    assert refused.value.retry_after_s == 50 and refused.value.http_status == 429
-    limiter.check("b")  # another token has its own count
-    clock.now += 30
+    assert refused.value.retry_after_s == 20 and refused.value.http_status == 429
+    limiter.check("b")  # another token has its own schedule
+    clock.now += 15
     with pytest.raises(RateLimitedError) as later:
         limiter.check("a")
-    assert later.value.retry_after_s == 20
-    clock.now += 20
-    limiter.check("a")  # a new minute: the count starts again
+    assert later.value.retry_after_s == 5
+    clock.now += 5
+    limiter.check("a")  # one interval later, one more request
+    with pytest.raises(RateLimitedError):
+        limiter.check("a")
+    clock.now += 60
+    for _ in range(3):  # a minute idle: a full burst again, and no more
+        limiter.check("a")
+    with pytest.raises(RateLimitedError):
+        limiter.check("a")
 
 
 def test_token_auth_accepts_only_configured_tokens():

@@ -8,7 +8,7 @@ import hmac
 import math
 import time
 
-from sqlalchemy import case
+from sqlalchemy import case, select
 
 from ..errors import RateLimitedError, UnauthorizedError
 from .db import Database, TokenLimit
@@ -42,8 +42,10 @@ class TokenAuth:
 
 
 class RateLimiter:
-    """At most `per_minute` requests per token in each minute of the clock (Unix time // 60), counted
-    by one atomic upsert in the database: exact across threads and replicas."""
+    """`per_minute` requests per token per minute, in bursts of up to `per_minute` (the generic cell
+    rate algorithm: each request is due 60/per_minute s after the one before; one is admitted while
+    the token is at most a minute minus one interval ahead of its schedule). One conditional upsert
+    in the database admits it: exact across threads and replicas, and no window edge to double."""
 
     def __init__(self, db: Database, per_minute: int, clock=time.time):
         self.db = db
@@ -52,16 +54,18 @@ class RateLimiter:
 
     def check(self, who: str) -> None:
         now = self._clock()
-        minute = int(now // 60)
-        count = (self.db.insert(TokenLimit).values(token=who, minute=minute, requests=1)
-                 .on_conflict_do_update(index_elements=[TokenLimit.token], set_={
-                     "requests": case((TokenLimit.minute == minute, TokenLimit.requests + 1), else_=1),
-                     "minute": minute})
-                 .returning(TokenLimit.requests))
+        interval = 60.0 / self.per_minute
+        ahead = 60.0 - interval + 1e-3  # the burst allowance (+1 ms: float sums of the interval)
+        start = case((TokenLimit.due > now, TokenLimit.due), else_=now)
+        admit = (self.db.insert(TokenLimit).values(token=who, due=now + interval)
+                 .on_conflict_do_update(index_elements=[TokenLimit.token], set_={"due": start + interval},
+                                        where=start - now <= ahead)
+                 .returning(TokenLimit.due))
         with self.db.transaction() as session:
-            requests = session.scalar(count)
-        if requests > self.per_minute:
-            retry_after = max(1, math.ceil((minute + 1) * 60 - now))
+            admitted = session.scalar(admit) is not None
+            due = None if admitted else session.scalar(select(TokenLimit.due).where(TokenLimit.token == who))
+        if not admitted:
+            retry_after = max(1, math.ceil(due - now - ahead))
             raise RateLimitedError(
                 f"Request limit exceeded: at most {self.per_minute} requests per minute per token. "
                 f"Try again in {retry_after} s.", retry_after_s=retry_after)

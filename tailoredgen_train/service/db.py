@@ -181,15 +181,14 @@ class GenerationRequest(Base):
 
 
 class TokenLimit(Base):
-    """Per token: its requests in the current minute (the request rate), and the row that a training
-    claim locks, so that two claims of one token never both pass the training cap."""
+    """Per token: when its next request is due at the request rate (auth.RateLimiter), and the row
+    that a training claim locks, so that two claims of one token never both pass the training cap."""
 
     __tablename__ = "token_limits"
     token: Mapped[str] = mapped_column(String(32), primary_key=True)
     """auth.token_id of the token (never the token)"""
-    minute: Mapped[int] = mapped_column(BigInteger, default=0)
-    """Unix time // 60 of the window `requests` counts"""
-    requests: Mapped[int] = mapped_column(Integer, default=0)
+    due: Mapped[float] = mapped_column(Float, default=0.0)
+    """Unix time at which the token's requests so far, one every 60/rate seconds, are all paid for"""
 
 
 class Database:

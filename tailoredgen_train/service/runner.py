@@ -61,7 +61,7 @@ class JobRunner:
         model that is already started answers 409 rather than 429. The token's row is locked first:
         on PostgreSQL two claims of one token would otherwise each count without the other's."""
         with self.db.transaction() as session:
-            session.execute(self.db.insert(TokenLimit).values(token=owner, minute=0, requests=0)
+            session.execute(self.db.insert(TokenLimit).values(token=owner, due=0.0)
                             .on_conflict_do_update(index_elements=[TokenLimit.token], set_={"token": owner}))
             claimed = session.execute(
                 update(Model).where(Model.id == model_id, Model.status == "Created").values(
