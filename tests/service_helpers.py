@@ -53,10 +53,12 @@ def engine_yaml(directory: Path) -> Path:
 
 
 def settings_for(tmp: Path, base: Path, **overrides: Any) -> ServiceSettings:
-    values = dict(data_dir=tmp / "data", db_url=database_url(tmp / "data"), tokens=[TOKEN, OTHER_TOKEN, COLLEAGUE_TOKEN],
+    values = dict(data_dir=tmp / "data", tokens=[TOKEN, OTHER_TOKEN, COLLEAGUE_TOKEN],
                   organizations={TOKEN: ORGANIZATION, COLLEAGUE_TOKEN: ORGANIZATION}, bases={"fibo": str(base)},
                   engine_configs={"fibo": str(engine_yaml(tmp))}, poll_interval_s=0.2)
     values.update(overrides)
+    if "db_url" not in values:  # the module's database (conftest.py)
+        values["db_url"] = database_url(values["data_dir"])
     values.setdefault("generation_resolution", {family: GENERATION_RESOLUTION for family in values["bases"]})
     return ServiceSettings(**values)
 

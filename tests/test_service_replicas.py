@@ -32,11 +32,13 @@ class Replica(CliServer):
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory, tiny_fibo_base, postgres):
-    """Two replicas for the module; the last test kills the first one."""
+def replicas(tmp_path_factory, postgres):
+    """Two replicas for the module; the last test kills the first one. The stand-in jobs never read
+    the base, so it is an empty folder."""
     db_url = postgres.new_database()
     data_dir = tmp_path_factory.mktemp("replicas") / "data"
-    pair = [Replica(data_dir, db_url, tiny_fibo_base) for _ in range(2)]
+    base = tmp_path_factory.mktemp("unused-base")
+    pair = [Replica(data_dir, db_url, base) for _ in range(2)]
     # together: both migrate, one wins (a loaded 2-core machine needs minutes to import torch twice)
     starting = [threading.Thread(target=r.start, kwargs={"timeout": 300}) for r in pair]
     for thread in starting:
