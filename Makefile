@@ -2,7 +2,8 @@
 #            make demo VERSION=3.2 / VERSION=2.3 does the same for a legacy family.
 # make serve: the HTTP service on the tiny FIBO base at http://127.0.0.1:8000 (docs at /docs, the web
 #             console at /console).
-# make test: set up .venv and run the whole test suite (what CI runs through .ci/run); it installs
+# make test: set up .venv and run the whole test suite (what CI runs through .ci/run), the service tests on
+#            SQLite and again on a throwaway PostgreSQL (skipped where its binaries are missing); it installs
 #            Debian's chromium with apt-get when missing, for the web console's browser tests.
 PYTHON ?= python3
 VENV ?= .venv

@@ -1,7 +1,7 @@
 """Command line of tailoredgen-train: caption, validate and train a dataset, generate, report, serve.
 
 Commands: train, validate-dataset, caption, visual-schema, expand-prompt, generate, report,
-make-tiny-base, run-job (internal), serve.
+make-tiny-base, run-job (internal), serve, db upgrade.
 
 The train flags named after the contract's request fields go through the same resolution as the
 API (expert-mode rule, ranges, defaults); engineering options come from --config and --set.
@@ -111,8 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default="tailoredgen-data", help="SQLite database, datasets and run folders")
-    serve.add_argument("--db", help="SQLAlchemy URL (default: sqlite in --data-dir); PostgreSQL serves "
-                       "several instances")
+    serve.add_argument("--db", help="database URL (default: SQLite in --data-dir); postgresql://USER@HOST/DB "
+                       "serves several replicas sharing one --data-dir")
+    serve.add_argument("--no-migrate", dest="migrate", action="store_false",
+                       help="do not migrate the database at start-up (refuse to start unless `db upgrade` did)")
     serve.add_argument("--base", action="append", default=[], metavar="FAMILY=PATH_OR_ID",
                        help="base model of a family, e.g. --base fibo=runs/tiny-fibo-base (repeatable)")
     serve.add_argument("--engine-config", action="append", default=[], metavar="FAMILY=YAML",
@@ -158,6 +160,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="largest uploaded image, in pixels, checked from its header before decoding (413 beyond)")
     serve.add_argument("--max-concurrent-decodes", type=int, default=2,
                        help="uploaded images decoded at once; the others wait (bounds the memory uploads take)")
+
+    db = commands.add_parser("db", help="the service's database: `db upgrade` migrates it to this version")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="migrate the database to this version's schema (serve does "
+                                                     "it at start-up unless --no-migrate)")
+    upgrade.add_argument("--data-dir", default="tailoredgen-data", help="where serve's SQLite database is")
+    upgrade.add_argument("--db", help="database URL (default: SQLite in --data-dir)")
+    revision = db_commands.add_parser("revision", help="(developers) write a migration for what the models in "
+                                                       "service/db.py have that the newest one lacks")
+    revision.add_argument("-m", "--message", required=True, help="what changes, e.g. 'add models.foo'")
 
     job = commands.add_parser("run-job", help="run a job.json written by start_training (internal)")
     job.add_argument("job_file")
@@ -280,8 +292,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import_roots=[Path(root).resolve() for root in args.import_root],
         max_upload_bytes=args.max_upload_mb * 2**20, max_json_bytes=args.max_json_kb * 2**10,
         max_image_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes,
+        migrate=args.migrate,
     )
     serve(settings, args.host, args.port)
+    return 0
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from .service import migrations
+
+    if args.db_command == "revision":
+        print(f"wrote {migrations.new_revision(args.message)}: read it before committing")
+        return 0
+    from .service.db import Database
+
+    if not args.db:
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+    database = Database(args.db or f"sqlite:///{Path(args.data_dir) / 'tailoredgen.sqlite3'}")  # migrates it
+    database.dispose()
+    before, now = database.revisions
+    name = database.engine.url.render_as_string(hide_password=True)
+    print(f"database {name}: at revision {now}" if before == now else
+          f"database {name}: upgraded from revision {before or 'none (empty)'} to {now}")
     return 0
 
 
@@ -299,6 +331,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": _cmd_train, "validate-dataset": _cmd_validate, **generate_commands.COMMANDS,
             "report": _cmd_report, "make-tiny-base": _cmd_tiny, "run-job": _cmd_run_job, "serve": _cmd_serve,
+            "db": _cmd_db,
             **caption_commands.COMMANDS}
 
 

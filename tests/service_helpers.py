@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import uvicorn
 
+from pg_server import database_url
 from tailoredgen_train.data import SAMPLE_DATASET_DIR
 from tailoredgen_train.service.app import create_app
 from tailoredgen_train.service.launchers import LocalBackend
@@ -56,6 +57,8 @@ def settings_for(tmp: Path, base: Path, **overrides: Any) -> ServiceSettings:
                   organizations={TOKEN: ORGANIZATION, COLLEAGUE_TOKEN: ORGANIZATION}, bases={"fibo": str(base)},
                   engine_configs={"fibo": str(engine_yaml(tmp))}, poll_interval_s=0.2)
     values.update(overrides)
+    if "db_url" not in values:  # the module's database (conftest.py)
+        values["db_url"] = database_url(values["data_dir"])
     values.setdefault("generation_resolution", {family: GENERATION_RESOLUTION for family in values["bases"]})
     return ServiceSettings(**values)
 
@@ -153,9 +156,11 @@ class CliServer:
 
     def __init__(self, data_dir: Path, base: Path, engine: Path, *extra: str, log: Path | None = None):
         self.port = free_port()
+        db = database_url(data_dir)
         self.command = [sys.executable, "-m", "tailoredgen_train", "serve", "--port", str(self.port),
                         "--data-dir", str(data_dir), "--base", f"fibo={base}", "--engine-config", f"fibo={engine}",
-                        "--poll-interval", "0.2", "--generation-resolution", f"fibo={GENERATION_RESOLUTION}", *extra]
+                        "--poll-interval", "0.2", "--generation-resolution", f"fibo={GENERATION_RESOLUTION}",
+                        *(["--db", db] if db else []), *extra]
         self.log = log or data_dir.parent / f"server-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
@@ -163,7 +168,7 @@ class CliServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> CliServer:
+    def start(self, timeout: float = 90) -> CliServer:
         env = {**os.environ, "TAILOREDGEN_API_TOKENS": f"{TOKEN},{OTHER_TOKEN}"}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -175,7 +180,7 @@ class CliServer:
             except httpx.HTTPError:
                 return False
 
-        wait_until(ready, 90, "the server to answer /healthz")
+        wait_until(ready, timeout, "the server to answer /healthz")
         return self
 
     def kill(self) -> None:

@@ -16,9 +16,12 @@ from service_helpers import (COLLEAGUE_TOKEN, ORGANIZATION, OTHER_TOKEN, TOKEN, 
                              completed_fibo_dataset, create_model, sample_rows, settings_for, two_family_server,
                              upload_sample, wait_for_status)
 
+# on SQLite and again on PostgreSQL (conftest.py): the error paths do not depend on the database
+pytestmark = pytest.mark.both_databases
+
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_fibo_base, legacy_bases):
+def server(tmp_path_factory, tiny_fibo_base, legacy_bases, service_database):
     with two_family_server(tmp_path_factory.mktemp("service-api"), tiny_fibo_base, legacy_bases) as running:
         yield running
 
@@ -573,6 +576,7 @@ def test_models_can_be_renamed_and_listed_without_parameters(api, dataset_id):
     assert detailed[model_id]["training_parameters"] == {} and detailed[model_id]["checkpoint_steps"] == []
 
 
+@pytest.mark.sqlite_only  # a real job process (~20 s); settling is the same on both databases
 def test_an_engine_failure_is_recorded_with_the_engine_s_code(tmp_path, tiny_fibo_base):
     # a real job process (the local backend, not the stand-in) on a base that does not exist
     settings = settings_for(tmp_path, tiny_fibo_base, bases={"fibo": str(tmp_path / "no-such-base")})

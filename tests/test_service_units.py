@@ -13,6 +13,7 @@ from tailoredgen_train import cli
 from tailoredgen_train.errors import ConfigError, RateLimitedError, UnauthorizedError
 from tailoredgen_train.outcome import clear_outcome, read_outcome, write_outcome
 from tailoredgen_train.service.auth import RateLimiter, TokenAuth, UrlSigner, token_id
+from tailoredgen_train.service.db import Database
 from tailoredgen_train.service.settings import ServiceSettings, load_tokens, parse_assignments, parse_resolutions
 
 
@@ -24,21 +25,28 @@ class Clock:
         return self.now
 
 
-def test_rate_limiter_is_a_sliding_window_per_token():
+def test_rate_limiter_allows_a_minute_s_burst_then_the_rate_per_token(tmp_path):
     clock = Clock()
-    limiter = RateLimiter(3, clock=clock)
+    limiter = RateLimiter(Database(f"sqlite:///{tmp_path / 'db.sqlite3'}"), 3, clock=clock)  # one per 20 s
     for _ in range(3):
         limiter.check("a")
     with pytest.raises(RateLimitedError) as refused:
         limiter.check("a")
-    assert refused.value.retry_after_s == 60 and refused.value.http_status == 429
-    limiter.check("b")  # another token has its own window
-    clock.now += 30
+    assert refused.value.retry_after_s == 20 and refused.value.http_status == 429
+    limiter.check("b")  # another token has its own schedule
+    clock.now += 15
     with pytest.raises(RateLimitedError) as later:
         limiter.check("a")
-    assert later.value.retry_after_s == 30
-    clock.now += 30.001
-    limiter.check("a")  # the first three requests have left the window
+    assert later.value.retry_after_s == 5
+    clock.now += 5
+    limiter.check("a")  # one interval later, one more request
+    with pytest.raises(RateLimitedError):
+        limiter.check("a")
+    clock.now += 60
+    for _ in range(3):  # a minute idle: a full burst again, and no more
+        limiter.check("a")
+    with pytest.raises(RateLimitedError):
+        limiter.check("a")
 
 
 def test_token_auth_accepts_only_configured_tokens():

@@ -77,7 +77,7 @@ class Service:
             except ConfigError as exc:
                 raise ConfigError(f"the engine config of family {family} with --num-processes "
                                   f"{settings.num_processes}: {exc.message}") from None
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, migrate=settings.migrate)
         self._storage = _identities([settings.data_dir, *self.db.file()])
         """(path, (device, inode)) of the data directory and the SQLite file, as they were at start-up"""
         self.decoder = DecodeQueue(settings.max_concurrent_decodes)
@@ -89,7 +89,7 @@ class Service:
             backend = SlurmBackend(settings.slurm_template, settings.num_processes, settings.slurm_nodes)
         self.runner = JobRunner(self.db, backend, settings)
         self.auth = TokenAuth(settings.tokens, settings.organizations)
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.limiter = RateLimiter(self.db, settings.rate_limit_per_minute)
         self.signer = UrlSigner(settings.resolved_url_secret())
         self.captioning = CaptioningWorker(self.db, settings, self.dataset_dir)
         """The captioning model (serve --vlm) behind automatic captions and the captioning endpoints."""

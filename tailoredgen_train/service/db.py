@@ -1,10 +1,13 @@
 """The service's tables (SQLAlchemy) and the one way to open a transaction.
 
-SQLite is the embedded default; any SQLAlchemy URL works (PostgreSQL serves several instances).
-On SQLite every transaction starts with BEGIN IMMEDIATE, so that a read followed by a write never
-fails with "database is locked" halfway through: writers queue on the busy timeout instead. A
-`read()` begins DEFERRED: it takes no write lock, so it neither waits for a writer nor holds one up
-(in WAL mode it reads the last committed state).
+SQLite is the embedded default; PostgreSQL (`postgresql+psycopg://...`) is the production database
+that several replicas share. The schema is migrated by Alembic (service/migrations) when a Database
+opens. On SQLite every transaction starts with BEGIN IMMEDIATE, so that a read followed by a write
+never fails with "database is locked" halfway through: writers queue on the busy timeout instead,
+and a transaction is atomic with respect to every other writer. A `read()` begins DEFERRED: it
+takes no write lock, so it neither waits for a writer nor holds one up (in WAL mode it reads the
+last committed state). On PostgreSQL (READ COMMITTED) whatever must be exact under concurrency is
+one conditional statement or takes a row lock first.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
                         event, inspect)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from ..errors import ConfigError
@@ -207,9 +212,21 @@ class GenerationRequest(Base):
     finished_at: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
+class TokenLimit(Base):
+    """Per token: when its next request is due at the request rate (auth.RateLimiter), and the row
+    that a training claim locks, so that two claims of one token never both pass the training cap."""
+
+    __tablename__ = "token_limits"
+    token: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """auth.token_id of the token (never the token)"""
+    due: Mapped[float] = mapped_column(Float, default=0.0)
+    """Unix time at which the token's requests so far, one every 60/rate seconds, are all paid for"""
+
+
 class Database:
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, *, migrate: bool = True):
+        """`migrate`: bring the schema to the newest revision (else refuse a database that is not there)."""
+        self.url = url = normalize_url(url)
         self.is_sqlite = url.startswith("sqlite")
         connect_args = {"check_same_thread": False, "timeout": 60} if self.is_sqlite else {}
         self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
@@ -217,14 +234,30 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql(
                 "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"))
-        Base.metadata.create_all(self.engine)
-        self._check_columns()
+        from . import migrations  # it imports this module (the models) for Alembic's env.py
+
+        try:
+            self.revisions = migrations.upgrade(self.engine) if migrate else migrations.check_current(self.engine)
+            """(the schema's revision when opened, the revision now)"""
+            self._check_columns()
+        except OperationalError as exc:  # unreachable server, wrong password, unknown database
+            self.engine.dispose()
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise ConfigError(f"cannot open the database {self.engine.url.render_as_string(hide_password=True)}: "
+                              f"{reason}; check --db (and that the database server is running)") from None
+        except Exception:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
 
+    def insert(self, model: type[Base]):
+        """INSERT with the dialect's ON CONFLICT clauses (on_conflict_do_nothing / _do_update)."""
+        return (sqlite if self.is_sqlite else postgresql).insert(model)
+
     def _check_columns(self) -> None:
-        """A database an earlier version created lacks newer columns (there are no migrations yet):
-        say so at start-up, not with a failed query later."""
+        """A database whose revision says it is current but lacks a column (edited by hand, or a model
+        changed without a revision): say so at start-up, not with a failed query later."""
         found = inspect(self.engine)
         missing = [f"{table.name}.{column.name}" for table in Base.metadata.sorted_tables
                    for column in table.columns
@@ -256,6 +289,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def normalize_url(url: str) -> str:
+    """postgresql:// (or postgres://) means psycopg 3, the driver this project ships with; only SQLite
+    and PostgreSQL are supported."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            url = "postgresql+psycopg://" + url.removeprefix(prefix)
+    if not url.startswith(("sqlite:", "postgresql+")):
+        raise ConfigError(f"--db {url.split('://')[0]}://...: use sqlite:///PATH or postgresql://USER@HOST/DATABASE")
+    return url
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

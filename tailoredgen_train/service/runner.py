@@ -13,6 +13,10 @@ that the process carries in its environment. So a server killed during a launch 
 which its successor finds the process (and adopts it) or knows that none was started. A stop is
 durable too: the model row says Stopping and the run folder gets the stop file before anyone looks
 for the process, so whichever comes first, the process or the stop, the job ends Stopped.
+
+Several replicas may share the database: every replica on the job's host (any replica, for Slurm)
+watches it, and each settlement or relaunch is one conditional UPDATE that only one of them wins,
+so a job is settled exactly once, whichever replica launched it and whether it is still alive.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import secrets
 import socket
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 
 from ..engine.checkpoint import Checkpointer
 from ..engine.preemption import request_stop as write_stop_file
@@ -35,12 +40,15 @@ from ..outcome import read_outcome
 from ..recipe import JobSpec
 from ..start import JOB_FILE_STAGING, write_job_file
 from .cleanup import prune_finished_run
-from .db import Checkpoint, Database, Dataset, Model, TrainingJob, utcnow
+from .db import Checkpoint, Database, Dataset, Model, TokenLimit, TrainingJob, utcnow
 from .launchers import Backend, JobHandle, Launch
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 ACTIVE = ("InProgress", "Stopping")
+LAUNCH_GRACE_S = 300.0
+"""a claim still without a live job this long after it was made lost its launcher (a replica or the
+server died between claim and launch); longer than any launch takes (sbatch is given 60 s)"""
 
 
 class JobRunner:
@@ -63,8 +71,11 @@ class JobRunner:
     def claim(self, model_id: int, owner: str, params: dict, generation_prefix: str | None) -> None:
         """Created -> InProgress in one conditional UPDATE: of concurrent starts exactly one wins.
         The per-token training cap is checked in the same transaction, after the claim, so that a
-        model that is already started answers 409 rather than 429."""
+        model that is already started answers 409 rather than 429. The token's row is locked first:
+        on PostgreSQL two claims of one token would otherwise each count without the other's."""
         with self.db.transaction() as session:
+            session.execute(self.db.insert(TokenLimit).values(token=owner, due=0.0)
+                            .on_conflict_do_update(index_elements=[TokenLimit.token], set_={"token": owner}))
             claimed = session.execute(
                 # its dataset must still be completed: a dataset deleted since the start was checked stays unused
                 update(Model).where(Model.id == model_id, Model.status == "Created", Model.dataset_id.in_(
@@ -208,19 +219,20 @@ class JobRunner:
                 log.exception("job watcher pass failed; retrying in %.1f s", self.settings.poll_interval_s)
 
     def poll(self, *, startup: bool = False) -> None:
-        """One pass over the active models. `startup`: no request can be between its claim and its
-        launch, so a claimed model without a job is one an earlier server lost."""
+        """One pass over the active models. A claimed model without a live job is one whose launcher
+        died: at once at an SQLite server's start-up, else when the claim is LAUNCH_GRACE_S old."""
         with self._poll_lock:
             if startup:
                 self._remove_dead_job_file_staging()
             with self.db.transaction() as session:
-                models = session.execute(select(Model.id, Model.status, Model.stop_requested_at)
+                models = session.execute(select(Model.id, Model.status, Model.stop_requested_at, Model.updated_at)
                                          .where(Model.status.in_(ACTIVE))).all()
                 jobs = {m.id: self._latest_job(session, m.id) for m in models}
             for model in models:
                 job = jobs[model.id]
-                if job is None:
-                    if startup:  # claimed, and the server died before it queued the job: no process exists
+                if job is None or job.ended_at is not None:  # not queued yet, or being relaunched
+                    # at start-up on SQLite (one server per database) no request is between claim and queue
+                    if (startup and self.db.is_sqlite) or self._launch_overdue(model.updated_at):
                         self._lost(model.id, model.status, None)
                 elif job.launch_token is None or not self._owns(job):
                     continue  # queued (launch_queued starts it), or another host's process
@@ -284,7 +296,8 @@ class JobRunner:
         if self.settings.lost_jobs == "resume" and job is not None and attempts - 1 < self.settings.max_resume_attempts:
             spec = JobSpec.from_dict(json.loads((Path(job.run_dir) / "job.json").read_text()))
             spec.resume, spec.overwrite = True, False
-            self._end_job(job.id, "lost")
+            if not self._end_job(job.id, "lost", relaunch=True):
+                return  # another replica saw it first and relaunches it
             log.warning("model %s: its job is gone without a result; resuming from its last checkpoint", model_id)
             self.submit(model_id, spec)
             return
@@ -298,26 +311,37 @@ class JobRunner:
                 code: str | None = None, message: str | None = None) -> None:
         if job is not None and self.settings.prune_finished_runs:  # first: whoever sees the status finds it done
             prune_finished_run(Path(job.run_dir))
-        with self.db.transaction() as session:
-            model = session.get(Model, model_id)
-            if model is None or model.status not in ACTIVE:
-                return
-            if model.status == "Stopping":  # a stop that was accepted wins over how the job ended
-                status, code, message = "Stopped", None, None
-            model.status = status
-            model.updated_at = utcnow()
-            if status == "Completed" and model.training_mode == "expert" and final_step:
-                model.active_model_version = str(final_step)
-            if status == "Failed":
-                model.error_code, model.error_message = code or "internal_error", message or "the job failed"
+        values = {"status": status, "updated_at": utcnow()}
+        if status == "Completed" and final_step:
+            values["active_model_version"] = case((Model.training_mode == "expert", str(final_step)),
+                                                  else_=Model.active_model_version)
+        if status == "Failed":
+            values.update(error_code=code or "internal_error", error_message=message or "the job failed")
+        with self.db.transaction() as session:  # conditional: of replicas settling together one wins
+            # a stop that was accepted wins over how the job ended
+            settled = session.execute(update(Model).where(Model.id == model_id, Model.status == "Stopping")
+                                      .values(status="Stopped", updated_at=utcnow())).rowcount
+            if settled == 1:
+                status, code = "Stopped", None
+            else:
+                settled = session.execute(update(Model).where(Model.id == model_id, Model.status.in_(ACTIVE))
+                                          .values(**values)).rowcount
+        if settled != 1:
+            return
         if job is not None:
             self._end_job(job.id, status.lower())
         log.info("model %s: %s%s", model_id, status, f" [{code}]" if code else "")
 
-    def _end_job(self, job_id: int, outcome: str) -> None:
+    def _end_job(self, job_id: int, outcome: str, *, relaunch: bool = False) -> bool:
+        """False when the job had already ended (another replica ended it). `relaunch`: the model's
+        claim time restarts, so that no replica takes the relaunch for a lost launch."""
         with self.db.transaction() as session:
-            session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.ended_at.is_(None))
-                            .values(ended_at=utcnow(), outcome=outcome))
+            ended = session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.ended_at.is_(None))
+                                    .values(ended_at=utcnow(), outcome=outcome)).rowcount == 1
+            if ended and relaunch:
+                session.execute(update(Model).where(Model.id == select(TrainingJob.model_id).where(
+                    TrainingJob.id == job_id).scalar_subquery()).values(updated_at=utcnow()))
+            return ended
 
     def _record_checkpoints(self, model_id: int, job: TrainingJob) -> None:
         checkpointer = Checkpointer(Path(job.run_dir), is_main_process=False)
@@ -328,7 +352,10 @@ class JobRunner:
             known = set(session.scalars(select(Checkpoint.step).where(Checkpoint.model_id == model_id)))
             for step in sorted(new):
                 if step not in known and Checkpointer.verify(checkpointer.path_for(step)):
-                    session.add(Checkpoint(model_id=model_id, training_job_id=job.id, step=step))
+                    # another replica may record the same step at the same moment: the first row stays
+                    session.execute(self.db.insert(Checkpoint).values(model_id=model_id, training_job_id=job.id,
+                                                                      step=step, created_at=utcnow())
+                                    .on_conflict_do_nothing(index_elements=["model_id", "step"]))
                     known.add(step)
         self._verified.update((model_id, s) for s in known)
 
@@ -336,6 +363,10 @@ class JobRunner:
     def _latest_job(session, model_id: int) -> TrainingJob | None:
         return session.scalar(select(TrainingJob).where(TrainingJob.model_id == model_id)
                               .order_by(TrainingJob.attempt.desc()).limit(1))
+
+    @staticmethod
+    def _launch_overdue(claimed_at: str) -> bool:
+        return (datetime.fromisoformat(utcnow()) - datetime.fromisoformat(claimed_at)).total_seconds() > LAUNCH_GRACE_S
 
     def _owns(self, job: TrainingJob) -> bool:
         """A local process can only be watched from its own host; a Slurm job from anywhere."""

@@ -29,6 +29,10 @@ class ServiceSettings:
     """token -> the organization it belongs to (--tokens-file lines `TOKEN ORGANIZATION`); a token
     without one is an organization of its own. Organizations never see each other's data."""
     db_url: str | None = None
+    """an SQLAlchemy URL (postgresql://USER@HOST/DB for several replicas); SQLite in data_dir when None."""
+    migrate: bool = True
+    """migrate the database to this version's schema at start-up (serve --no-migrate: refuse to start
+    unless `tailoredgen-train db upgrade` already did)."""
     version_map: str | None = None
     launcher: Literal["local", "slurm"] = "local"
     num_processes: int = 1
@@ -50,7 +54,7 @@ class ServiceSettings:
     resume state; its published checkpoints are always kept."""
     rate_limit_per_minute: int = 600
     max_concurrent_trainings: int = 4
-    """per token: InProgress + Stopping models it started."""
+    """per token: InProgress + Stopping models it started (enforced in the database, across replicas)."""
     poll_interval_s: float = 2.0
     stop_grace_s: float = 300.0
     """after stop_training, SIGKILL a job that has not exited within this many seconds."""
@@ -153,9 +157,18 @@ class ServiceSettings:
         path = self.data_dir / ".url_secret"
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            staging = path.with_name(f".url_secret.tmp-{os.getpid()}")
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_hex(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:  # link, not rename: of replicas starting together on one data_dir the first one wins
+                os.link(staging, path)
+            except FileExistsError:
+                pass
+            finally:
+                staging.unlink()
         return path.read_text().strip()
 
 
