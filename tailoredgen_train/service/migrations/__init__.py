@@ -50,25 +50,36 @@ def current(connection: Connection) -> str | None:
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Migrate to the newest revision; (the revision before, the revision now)."""
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
-        tables = set(inspect(connection).get_table_names())
-        before = current(connection)
-        if before is None and tables & BASELINE_TABLES:  # made by create_all before migrations
-            _check_baseline(connection, tables, engine)
-            command.stamp(config(connection), BASELINE)
-            before = BASELINE
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:  # batch mode rebuilds a table by drop and rename: the rows that refer to it must stay
+            _pragma(connection, "foreign_keys=OFF")  # outside the transaction, or SQLite ignores it
         try:
-            if before != head():
-                command.upgrade(config(connection), "head")
-        except CommandError as exc:
-            if "Can't locate revision" not in str(exc):
-                raise
-            raise ConfigError(f"the database {_name(engine)} is at revision {before}, which this version of "
-                              "tailoredgen-train does not know: a newer version migrated it; run that version "
-                              "(or a newer one)") from None
-        now = current(connection)
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+                tables = set(inspect(connection).get_table_names())
+                before = current(connection)
+                if before is None and tables & BASELINE_TABLES:  # made by create_all before migrations
+                    _check_baseline(connection, tables, engine)
+                    command.stamp(config(connection), BASELINE)
+                    before = BASELINE
+                try:
+                    if before != head():
+                        command.upgrade(config(connection), "head")
+                except CommandError as exc:
+                    if "Can't locate revision" not in str(exc):
+                        raise
+                    raise ConfigError(f"the database {_name(engine)} is at revision {before}, which this version of "
+                                      "tailoredgen-train does not know: a newer version migrated it; run that version "
+                                      "(or a newer one)") from None
+                now = current(connection)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise ConfigError(f"the database {_name(engine)} has rows whose references are broken after "
+                                      "the migration; nothing was changed (restore it from a backup)")
+        finally:
+            if sqlite:
+                _pragma(connection, "foreign_keys=ON")
     if now != before:
         log.info("database %s: upgraded from revision %s to %s", _name(engine), before or "none (empty)", now)
     return before, now
@@ -109,6 +120,10 @@ def _check_baseline(connection: Connection, tables: set[str], engine: Engine) ->
         raise ConfigError(f"the database {_name(engine)} was created by an earlier version of tailoredgen-train and "
                           f"lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; start the service "
                           "with a new --data-dir (or --db), or add the columns")
+
+
+def _pragma(connection: Connection, setting: str) -> None:
+    connection.connection.dbapi_connection.execute(f"PRAGMA {setting}")
 
 
 def _name(engine: Engine) -> str:
