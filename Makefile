@@ -63,8 +63,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; } \
 		|| echo "warning: chromium could not be installed (apt-get install -y chromium); the browser tests will be skipped"
 
+# two workers, one per core, each file on one worker (its module fixtures are built once); one
+# intra-op thread each, so the workers' tiny models do not fight over the cores
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 # the engine's step against Bria's recipe on the tiny base (CPU); --size full on a GPU (docs/PERFORMANCE.md)
 bench-tiny: $(STAMP)
