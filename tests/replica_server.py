@@ -36,7 +36,7 @@ write_outcome(run_dir, "completed", final_step=100)
 class ReleasedBackend(SleepingBackend):
     def __init__(self):
         super().__init__()
-        self._launcher.command = lambda job_file: [sys.executable, "-c", STAND_IN, str(job_file)]
+        self._launcher.command = lambda job_file, port=None: [sys.executable, "-c", STAND_IN, str(job_file)]
 
 
 def main() -> None:

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 def any_process(accelerator: Accelerator, flag: bool) -> bool:
     """True on every process if it is true on any: processes must take the same branch."""
     if accelerator.num_processes == 1:
-        return flag
-    votes = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")
-    return bool(votes.item() > 0)
+        return flag  # no collective, no host sync
+    if flag:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()  # one all-reduce; it resets the trigger when it fired
 
 
 class CheckpointManager:
