@@ -18,9 +18,11 @@ from service_helpers import (COLLEAGUE_TOKEN, OTHER_TOKEN, TOKEN, SleepingBacken
 from tailoredgen_train.data import SAMPLE_DATASET_DIR
 from test_service_generation import completed_model, fibo_body, v2
 
+pytestmark = pytest.mark.both_databases  # on SQLite and again on PostgreSQL
+
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_fibo_base):
+def server(tmp_path_factory, tiny_fibo_base, service_database):
     tmp = tmp_path_factory.mktemp("console")
     backend = SleepingBackend()
     with ThreadServer(settings_for(tmp, tiny_fibo_base), backend) as running:

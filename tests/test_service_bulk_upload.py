@@ -21,6 +21,8 @@ from PIL import Image as PILImage
 from service_helpers import ThreadServer, client, settings_for, wait_until
 from tailoredgen_train.service.imports import ZipRefusedError, check_zip
 
+pytestmark = pytest.mark.both_databases  # on SQLite and again on PostgreSQL
+
 ENGINE = "data: {resolution: 64, min_side: 16, batch_size: 1, num_workers: 0}\n"
 
 
@@ -55,7 +57,7 @@ GOOD = {"a.png": png("red"), "a.txt": caption("a red square").encode(),
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_fibo_base):
+def setup(tmp_path_factory, tiny_fibo_base, service_database):
     root = tmp_path_factory.mktemp("bulk")
     imports = root / "imports"
     imports.mkdir()

@@ -19,7 +19,7 @@ from service_helpers import (OTHER_TOKEN, CliServer, client, completed_fibo_data
                              poll_generation, wait_until)
 from tailoredgen_train.engine.checkpoint import Checkpointer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_databases]  # the whole lifecycle on SQLite and on PostgreSQL
 PROMPT = json.dumps({"short_description": "A flat red circle on a pale background."})
 TRAINING = {"total_training_steps": 200, "checkpoint_interval": 100, "rank": 8, "learning_rate": 1e-3,
             "lr_scheduler": "constant"}
@@ -43,7 +43,7 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_fibo_base):
+def trained(tmp_path_factory, tiny_fibo_base, service_database):
     """Project -> dataset -> expert model -> 200 steps with a checkpoint every 100, watching the
     model's training_progress on every poll while it trains."""
     tmp = tmp_path_factory.mktemp("lifecycle")

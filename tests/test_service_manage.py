@@ -18,9 +18,11 @@ from service_helpers import (SleepingBackend, ThreadServer, client, completed_fi
                              settings_for, wait_for_status)
 from tailoredgen_train.families import family_class
 
+pytestmark = pytest.mark.both_databases  # on SQLite and again on PostgreSQL
+
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_fibo_base, legacy_bases):
+def setup(tmp_path_factory, tiny_fibo_base, legacy_bases, service_database):
     root = tmp_path_factory.mktemp("manage")
     imports = root / "imports"
     imports.mkdir()

@@ -76,8 +76,11 @@ def project_or_404(session: Session, project_id: int, caller: Caller) -> Project
     return project
 
 
-def dataset_or_404(session: Session, dataset_id: int, caller: Caller) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
+def dataset_or_404(session: Session, dataset_id: int, caller: Caller, *, lock: bool = False) -> Dataset:
+    """`lock`: hold the dataset's row until the transaction ends (PostgreSQL's FOR UPDATE; SQLite's
+    write transactions are serial already), so that its images, captions and status change one
+    writer at a time: an upload cannot slip in between completion's check and its freeze."""
+    dataset = session.get(Dataset, dataset_id, with_for_update=lock or None)
     if dataset is None or not caller.sees(dataset):
         raise NotFoundError(f"Dataset not found: there is no dataset {dataset_id}")
     return dataset
@@ -166,7 +169,7 @@ def update_dataset(service: Service, dataset_id: int, body: DatasetUpdate, calle
     complete (status "completed")."""
     checked = _preflight(service, dataset_id, body, caller) if body.status == "completed" else None
     with service.db.transaction() as session:
-        dataset = dataset_or_404(session, dataset_id, caller)
+        dataset = dataset_or_404(session, dataset_id, caller, lock=True)
         if body.caption_prefix is not None:
             if is_fibo(dataset.training_version):
                 raise InvalidParameterError.single("caption_prefix", body.caption_prefix,
@@ -295,7 +298,7 @@ def store_image(service: Service, dataset_id: int, stream: BinaryIO, name: str |
             service.family_of(version)).data, service.settings.max_image_pixels)
         name = (name or "image").encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
         with service.db.transaction() as session:
-            dataset = dataset_or_404(session, dataset_id, caller)
+            dataset = dataset_or_404(session, dataset_id, caller, lock=True)
             require_draft(dataset, "add images")  # checked again: the dataset may have been completed meanwhile
             count = session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == dataset_id))
             limit = image_limit(dataset)
@@ -372,7 +375,7 @@ def update_caption(service: Service, dataset_id: int, image_id: int, body: Capti
                                            "regenerate_caption: true")
     with service.db.transaction() as session:
         image = image_or_404(session, dataset_id, image_id, caller)
-        dataset = dataset_or_404(session, dataset_id, caller)
+        dataset = dataset_or_404(session, dataset_id, caller, lock=True)
         if body.regenerate_caption:
             service.captioning.require()
             require_draft(dataset, "update captions")
@@ -389,7 +392,7 @@ def update_caption(service: Service, dataset_id: int, image_id: int, body: Capti
 def delete_image(service: Service, dataset_id: int, image_id: int, caller: Caller) -> None:
     with service.db.transaction() as session:
         image = image_or_404(session, dataset_id, image_id, caller)
-        require_draft(dataset_or_404(session, dataset_id, caller), "delete an image")
+        require_draft(dataset_or_404(session, dataset_id, caller, lock=True), "delete an image")
         session.delete(image)
         # a draft's files are not training input yet; the row goes first so a crash leaves no dangling row
         path = service.dataset_dir(dataset_id) / image.file_name
@@ -422,7 +425,7 @@ def delete_dataset(service: Service, dataset_id: int, caller: Caller) -> None:
     """DELETE /datasets/{id}: the dataset and its images; 409 while a model trains on it or its zip
     upload runs. Models already trained on it keep their LoRA files."""
     with service.db.transaction() as session:
-        dataset = dataset_or_404(session, dataset_id, caller)
+        dataset = dataset_or_404(session, dataset_id, caller, lock=True)  # a start waits, then finds it deleted
         if _training(session, Model.dataset_id == dataset_id):
             raise ConflictError(f"Cannot delete a dataset that is used by a model in training: stop the training "
                                 f"first, then delete dataset {dataset_id}.")

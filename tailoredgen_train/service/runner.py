@@ -76,6 +76,9 @@ class JobRunner:
         with self.db.transaction() as session:
             session.execute(self.db.insert(TokenLimit).values(token=owner, due=0.0)
                             .on_conflict_do_update(index_elements=[TokenLimit.token], set_={"token": owner}))
+            # the dataset's row, shared: a delete of the dataset (FOR UPDATE) and this claim run one after the other
+            session.execute(select(Dataset.id).where(Dataset.id == select(Model.dataset_id).where(
+                Model.id == model_id).scalar_subquery()).with_for_update(read=True))
             claimed = session.execute(
                 # its dataset must still be completed: a dataset deleted since the start was checked stays unused
                 update(Model).where(Model.id == model_id, Model.status == "Created", Model.dataset_id.in_(
