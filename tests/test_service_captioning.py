@@ -41,11 +41,12 @@ def vlm_settings(tmp, tiny_fibo_base, legacy_bases, tiny_vlm, **extra):
                         vlm=str(tiny_vlm), **VLM_SETTINGS, **extra)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny VLM: one intra-op thread is faster
+# the tiny VLM: one intra-op thread is faster; on SQLite and again on PostgreSQL
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.both_databases]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_fibo_base, legacy_bases, tiny_vlm):
+def server(tmp_path_factory, tiny_fibo_base, legacy_bases, tiny_vlm, service_database):
     with ThreadServer(vlm_settings(tmp_path_factory.mktemp("captioning"), tiny_fibo_base, legacy_bases,
                                    tiny_vlm)) as running:
         yield running

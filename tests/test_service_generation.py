@@ -27,8 +27,11 @@ STRUCTURED = json.dumps({"short_description": "a red circle on a pale background
 NOT_A_LORA = b"this is not a safetensors file"
 
 
+pytestmark = pytest.mark.both_databases  # on SQLite and again on PostgreSQL
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_fibo_base, legacy_bases):
+def server(tmp_path_factory, tiny_fibo_base, legacy_bases, service_database):
     with two_family_server(tmp_path_factory.mktemp("service-generation"), tiny_fibo_base, legacy_bases) as running:
         yield running
 
