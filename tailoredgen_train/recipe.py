@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -92,10 +93,15 @@ class TrainingResult:
     """The trained denoiser with its LoRA (unwrapped), for in-process callers."""
 
 
+JOB_FILE_STAGING = f".{JOB_FILE}.tmp-"
+"""+ HOST-PID: who was writing it, so that a restarted server removes only what a dead writer left"""
+
+
 def save_job(job: JobSpec, path: Path) -> None:
-    """OUTPUT/job.json, stamped with the engine version; staged, fsynced and renamed, never torn."""
+    """OUTPUT/job.json (what `run-job` and `--resume` read), stamped with the engine version; staged,
+    fsynced and renamed, never torn."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with open(staging, "w") as handle:
         json.dump({**job.to_dict(), "engine_version": __version__}, handle, indent=1)
         handle.flush()

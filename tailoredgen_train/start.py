@@ -8,9 +8,7 @@ process is asked for) or this process (for the CLI and tests).
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +26,8 @@ from .contract import (
     utcnow_iso,
 )
 from .families import family_for_config, load_version_map
-from .recipe import JobSpec, TrainingResult, run_training
+from .recipe import JobSpec, TrainingResult, run_training, save_job
+from .report.metrics import JOB_FILE
 
 
 class Launcher(Protocol):
@@ -79,21 +78,10 @@ class SubprocessLauncher:
         return process
 
 
-JOB_FILE_STAGING = ".job.json.tmp-"
-"""+ HOST-PID: who was writing it, so that a restarted server removes only what a dead writer left"""
-
-
 def write_job_file(job: JobSpec) -> Path:
-    """OUTPUT/job.json, what `run-job` runs, written whole or not at all (staged, fsynced, renamed)."""
-    output = Path(job.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    target = output / "job.json"
-    staging = output / f"{JOB_FILE_STAGING}{socket.gethostname()}-{os.getpid()}"
-    with open(staging, "w") as handle:
-        handle.write(json.dumps(job.to_dict(), indent=1))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, target)
+    """OUTPUT/job.json, what `run-job` runs, written whole or not at all (recipe.save_job)."""
+    target = Path(job.output_dir) / JOB_FILE
+    save_job(job, target)
     return target
 
 

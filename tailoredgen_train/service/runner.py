@@ -37,8 +37,8 @@ from ..engine.checkpoint import Checkpointer
 from ..engine.preemption import request_stop as write_stop_file
 from ..errors import RateLimitedError, TrainingAlreadyStartedError
 from ..outcome import read_outcome
-from ..recipe import JobSpec
-from ..start import JOB_FILE_STAGING, write_job_file
+from ..recipe import JOB_FILE_STAGING, JobSpec
+from ..start import write_job_file
 from .cleanup import prune_finished_run
 from .db import Checkpoint, Database, Dataset, Model, TokenLimit, TrainingJob, utcnow
 from .launchers import Backend, JobHandle, Launch
